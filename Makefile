@@ -1,0 +1,93 @@
+# Moneta: `make run` brings the mesh up, `make test` proves it. Every target
+# installs what it needs first: the virtualenv, generated code, infrastructure.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+GEN_STAMP := gen/.generated
+SERVICES := ledger wallet budget fraud gateway
+PYTEST_ARGS ?=
+
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help
+help: ## List the targets.
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(DEPS_STAMP): requirements.txt requirements-dev.txt
+	@bash deploy/local/python.sh "$(PYTHON)" "$(VENV)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@# The repository root and the generated code are importable everywhere.
+	@printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/moneta.pth"
+	@touch $@
+
+.PHONY: deps
+deps: $(DEPS_STAMP) ## Create .venv and install the pinned dependencies.
+
+$(GEN_STAMP): $(PROTO_FILES) $(DEPS_STAMP)
+	@rm -rf gen && mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=gen --grpc_python_out=gen \
+		--mypy_out=gen --mypy_grpc_out=gen \
+		$(PROTO_FILES)
+	@touch $@
+
+.PHONY: protos
+protos: $(GEN_STAMP) ## Generate Python code and type stubs from protos/ into gen/.
+
+.PHONY: infra
+infra: ## Use PostgreSQL, RabbitMQ and Redis where they answer; start (or install) them otherwise.
+	@bash deploy/local/infra.sh
+
+.PHONY: migrate
+migrate: protos infra ## Create each service's database and apply its migrations.
+	@for s in ledger wallet budget fraud; do $(PY) -m services.$$s migrate || exit 1; done
+
+.PHONY: run
+run: protos infra ## Start the whole mesh with interleaved logs; Ctrl-C stops it.
+	@$(VENV)/bin/honcho -f deploy/local/Procfile start
+
+.PHONY: test
+test: protos infra ## Run the whole suite: unit, integration and end to end.
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: protos ## Unit tests only (no infrastructure needed).
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: test-integration
+test-integration: protos infra ## Integration tests against real PostgreSQL, RabbitMQ and Redis.
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+.PHONY: test-e2e
+test-e2e: protos infra ## End-to-end tests: the five services as real processes.
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+node_modules/.bin/buf: package.json package-lock.json
+	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
+	npm ci --silent --no-audit --no-fund
+	@touch $@
+
+.PHONY: lint
+lint: protos node_modules/.bin/buf ## ruff, mypy and buf lint.
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	node_modules/.bin/buf lint
+
+.PHONY: fmt
+fmt: deps ## Format the code with ruff.
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+.PHONY: bench
+bench: protos infra ## Run every benchmark; results go to bench/results/.
+	$(PY) -m bench
+
+.PHONY: clean
+clean: ## Remove generated code and caches (keeps .venv).
+	rm -rf gen .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,91 @@
+"""Settings read from the environment once, at start.
+
+Every variable is named ``MONETA_<FIELD>``. A missing or malformed value stops
+the process with one line naming the variable, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MONETA_"
+
+
+def _require_scheme(value: str, schemes: tuple[str, ...], what: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"must be a {what} URL ({' or '.join(s + '://' for s in schemes)}host…)")
+    return value
+
+
+class CommonSettings(BaseSettings):
+    """What every service reads. Services subclass it with their own fields."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # Each service owns the database <db_prefix><service>, created when missing.
+    db_prefix: str = "moneta_"
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    amqp_exchange: str = "moneta.events"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefixes every Redis key, so that deployments (and test runs) sharing a
+    # Redis never collide.
+    redis_prefix: str = "moneta:"
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    grpc_host: str = "0.0.0.0"
+    metrics_host: str = "0.0.0.0"
+    # How long a stopping service lets in-flight calls finish.
+    shutdown_grace_seconds: float = 10.0
+    # How often readiness re-checks the service's dependencies.
+    readiness_interval_seconds: float = 2.0
+    # Deadline for calls to peer services.
+    peer_timeout_seconds: float = 2.0
+
+    @field_validator("postgres_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        return _require_scheme(value, ("postgresql", "postgres"), "PostgreSQL")
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        return _require_scheme(value, ("amqp", "amqps"), "AMQP")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        return _require_scheme(value, ("redis", "rediss"), "Redis")
+
+    def database_url(self, service: str) -> str:
+        """The URL of the service's own database, derived from ``postgres_url``."""
+        parts = urlsplit(self.postgres_url)
+        return urlunsplit(parts._replace(path=f"/{self.db_prefix}{service}"))
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_settings(cls: type[SettingsT], program: str) -> SettingsT:
+    """Reads the settings, or exits with one line naming the bad variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        _exit_on_invalid(exc, program)
+
+
+def _exit_on_invalid(exc: ValidationError, program: str) -> NoReturn:
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    # The value itself is not echoed: it may be a secret.
+    sys.stderr.write(f"{program}: invalid setting {ENV_PREFIX}{field.upper()}: {error['msg']}\n")
+    raise SystemExit(2)

@@ -1,0 +1,68 @@
+"""A service's process: settings → logging → connections → server, and the
+``migrate`` command that Kubernetes runs as a Job."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+import uvloop
+
+from services.common.config import CommonSettings, load_settings
+from services.common.db import migrate
+from services.common.logging import configure_logging
+from services.common.server import GrpcService, serve
+
+S = TypeVar("S", bound=CommonSettings)
+log = structlog.get_logger("moneta.runner")
+
+USAGE = "usage: python -m services.{name} [serve|migrate]"
+
+
+def run_service(
+    name: str,
+    settings_cls: type[S],
+    start: Callable[[S], AbstractAsyncContextManager[GrpcService]],
+    migrations: Path | None,
+) -> None:
+    """The entry point of every gRPC service's ``__main__``."""
+    command = sys.argv[1] if len(sys.argv) > 1 else "serve"
+    if command not in ("serve", "migrate"):
+        sys.exit(USAGE.format(name=name))
+    settings = load_settings(settings_cls, f"moneta-{name}")
+    configure_logging(name, settings.log_level, settings.log_format)
+    if command == "migrate":
+        if migrations is not None:
+            asyncio.run(migrate_when_ready(settings.database_url(name), migrations))
+        return
+
+    async def main() -> None:
+        if migrations is not None:
+            await migrate_when_ready(settings.database_url(name), migrations)
+        async with start(settings) as service:
+            await serve(service)
+
+    uvloop.run(main())
+
+
+async def migrate_when_ready(url: str, folder: Path, wait_seconds: float = 60.0) -> None:
+    """Applies migrations, waiting for the database to answer first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+    delay = 0.25
+    while True:
+        try:
+            await migrate(url, folder)
+            return
+        except (OSError, ConnectionError) as exc:
+            if loop.time() >= deadline:
+                log.error("database_unreachable", error=str(exc))
+                raise SystemExit(1) from exc
+            log.warning("database_not_ready", error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

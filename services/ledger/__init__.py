@@ -1,0 +1,1 @@
+"""The ledger: double-entry bookkeeping that never creates or loses money."""

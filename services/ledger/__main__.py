@@ -1,0 +1,47 @@
+"""python -m services.ledger [serve|migrate]"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from moneta.ledger.v1 import ledger_pb2_grpc
+
+from services.common.db import create_pool, pool_check
+from services.common.runner import run_service
+from services.common.server import GrpcService
+from services.ledger import store
+from services.ledger.api import SERVICE_NAME, LedgerApi
+from services.ledger.config import LedgerSettings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+@asynccontextmanager
+async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
+    pool = await create_pool(
+        settings.database_url("ledger"), settings.db_pool_min, settings.db_pool_max
+    )
+    try:
+        async with pool.acquire() as conn:
+            await store.ensure_entry_partitions(conn)
+        api = LedgerApi(pool)
+        yield GrpcService(
+            name="ledger",
+            host=settings.grpc_host,
+            port=settings.ledger_port,
+            register=lambda server: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(api, server),
+            service_names=[SERVICE_NAME],
+            dependencies={"postgres": pool_check(pool)},
+            metrics_port=settings.ledger_metrics_port,
+            metrics_host=settings.metrics_host,
+            grace_seconds=settings.shutdown_grace_seconds,
+            readiness_interval_seconds=settings.readiness_interval_seconds,
+        )
+    finally:
+        await pool.close()
+
+
+if __name__ == "__main__":
+    run_service("ledger", LedgerSettings, start, MIGRATIONS)

@@ -1,0 +1,195 @@
+"""The ledger's gRPC servicer: proto → handler → proto. No decisions here."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from moneta.ledger.v1 import ledger_pb2 as pb
+from moneta.ledger.v1 import ledger_pb2_grpc
+
+from services.common.errors import Unimplemented
+from services.ledger import handlers
+from services.ledger.store import account_state
+from services.ledger.domain import (
+    AccountSpec,
+    AccountState,
+    Side,
+    Transfer,
+    TransferOutcome,
+    TransferSpec,
+)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
+
+
+def timestamp(at: datetime | None) -> Timestamp | None:
+    if at is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+def balance_to_pb(state: AccountState, as_of: datetime | None = None) -> pb.Balance:
+    pending_in, pending_out = (
+        (state.credits_pending, state.debits_pending)
+        if state.normal_side == Side.CREDIT
+        else (state.debits_pending, state.credits_pending)
+    )
+    return pb.Balance(
+        account_id=str(state.id),
+        currency=state.currency,
+        debits_posted=state.debits_posted,
+        credits_posted=state.credits_posted,
+        debits_pending=state.debits_pending,
+        credits_pending=state.credits_pending,
+        posted=state.posted,
+        pending=pending_in - pending_out,
+        available=state.posted - pending_out,
+        as_of=timestamp(as_of),
+    )
+
+
+def transfer_to_pb(t: Transfer) -> pb.Transfer:
+    return pb.Transfer(
+        id=str(t.id),
+        debit_account_id=str(t.debit_account_id),
+        credit_account_id=str(t.credit_account_id),
+        amount=t.amount,
+        currency=t.currency,
+        type=int(t.type),
+        pending_id=str(t.pending_id or ""),
+        reverses_id=str(t.reverses_id or ""),
+        linked=t.linked,
+        timeout_seconds=t.timeout_seconds,
+        code=t.code,
+        metadata={k: str(v) for k, v in t.metadata.items()},
+        effective_at=timestamp(t.effective_at or t.created_at),
+        status=int(t.status),
+        created_at=timestamp(t.created_at),
+        expires_at=timestamp(t.expires_at),
+    )
+
+
+def transfer_from_pb(t: pb.Transfer) -> TransferSpec:
+    return TransferSpec(
+        id=t.id,
+        debit_account_id=t.debit_account_id,
+        credit_account_id=t.credit_account_id,
+        amount=t.amount,
+        currency=t.currency,
+        type=t.type,
+        pending_id=t.pending_id,
+        reverses_id=t.reverses_id,
+        linked=t.linked,
+        timeout_seconds=t.timeout_seconds,
+        code=t.code,
+        metadata=dict(t.metadata),
+        effective_at=t.effective_at.ToDatetime(tzinfo=UTC) if t.HasField("effective_at") else None,
+    )
+
+
+def outcome_to_pb(outcome: TransferOutcome) -> pb.TransferResult:
+    return pb.TransferResult(
+        id=outcome.id,
+        code=pb.TransferResult.Code.Value(outcome.code.value),
+        transfer=transfer_to_pb(outcome.transfer) if outcome.transfer else None,
+    )
+
+
+def account_to_pb(row: asyncpg.Record) -> pb.Account:
+    return pb.Account(
+        id=str(row["id"]),
+        currency=row["currency"],
+        type=row["type"],
+        normal_side=row["normal_side"],
+        no_overdraft=row["no_overdraft"],
+        overdraft_limit=row["overdraft_limit"],
+        metadata={k: str(v) for k, v in row["metadata"].items()},
+        status=row["status"],
+        balance=balance_to_pb(account_state(row)),
+        created_at=timestamp(row["created_at"]),
+    )
+
+
+class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def CreateAccounts(
+        self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateAccountsResponse:
+        specs = [
+            AccountSpec(
+                id=a.id,
+                currency=a.currency,
+                type=a.type,
+                normal_side=a.normal_side,
+                no_overdraft=a.no_overdraft,
+                overdraft_limit=a.overdraft_limit,
+                metadata=dict(a.metadata),
+            )
+            for a in request.accounts
+        ]
+        results = await handlers.create_accounts(self._pool, specs)
+        return pb.CreateAccountsResponse(
+            results=[
+                pb.AccountResult(id=aid, code=pb.AccountResult.Code.Value(code.value))
+                for aid, code in results
+            ]
+        )
+
+    async def LookupAccounts(
+        self, request: pb.LookupAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LookupAccountsResponse:
+        rows = await handlers.lookup_accounts(self._pool, list(request.ids))
+        return pb.LookupAccountsResponse(accounts=[account_to_pb(r) for r in rows])
+
+    async def CreateTransfers(
+        self, request: pb.CreateTransfersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTransfersResponse:
+        specs = [transfer_from_pb(t) for t in request.transfers]
+        unsupported = {
+            s.type for s in specs if s.type not in (pb.TRANSFER_TYPE_UNSPECIFIED, pb.TRANSFER_TYPE_POSTED)
+        }
+        if unsupported:
+            raise Unimplemented(
+                "only POSTED transfers are supported yet; holds, posts, voids and reversals "
+                "land with the ledger engine",
+                reason="TRANSFER_TYPE_NOT_SUPPORTED",
+            )
+        outcomes = await handlers.create_transfers(self._pool, specs)
+        return pb.CreateTransfersResponse(results=[outcome_to_pb(o) for o in outcomes])
+
+    async def GetBalances(
+        self, request: pb.GetBalancesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBalancesResponse:
+        if request.HasField("as_of"):
+            raise Unimplemented("balances as of a past moment are not supported yet")
+        states, as_of = await handlers.get_balances(self._pool, list(request.account_ids))
+        return pb.GetBalancesResponse(balances=[balance_to_pb(s, as_of) for s in states])
+
+    async def VerifyLedger(
+        self, request: pb.VerifyLedgerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VerifyLedgerResponse:
+        discrepancies, counts = await handlers.verify_ledger(self._pool)
+        return pb.VerifyLedgerResponse(
+            ok=not discrepancies,
+            discrepancies=[
+                pb.Discrepancy(
+                    kind=str(d["kind"]),
+                    account_id=str(d.get("account_id", "")),
+                    currency=str(d.get("currency", "")),
+                    expected=int(str(d.get("expected", 0))),
+                    actual=int(str(d.get("actual", 0))),
+                    detail=str(d.get("detail", "")),
+                )
+                for d in discrepancies
+            ],
+            accounts_checked=counts["accounts"],
+            transfers_checked=counts["transfers"],
+            entries_checked=counts["entries"],
+        )

@@ -1,0 +1,292 @@
+"""The ledger's PostgreSQL adapter: hand-written, set-based SQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+
+from services.ledger.domain import (
+    AccountState,
+    BatchResult,
+    Entry,
+    NewAccount,
+    Side,
+    Transfer,
+    TransferStatus,
+    TransferType,
+)
+
+_ACCOUNT_COLUMNS = """
+    id, currency, type, normal_side, no_overdraft, overdraft_limit, status, metadata,
+    debits_posted, credits_posted, debits_pending, credits_pending, created_at
+"""
+_TRANSFER_COLUMNS = """
+    id, debit_account_id, credit_account_id, amount, currency, type, pending_id, reverses_id,
+    linked, timeout_seconds, code, metadata, effective_at, created_at, expires_at, status,
+    amount_reversed
+"""
+
+
+def account_state(row: asyncpg.Record) -> AccountState:
+    return AccountState(
+        id=row["id"],
+        currency=row["currency"],
+        normal_side=Side(row["normal_side"]),
+        no_overdraft=row["no_overdraft"],
+        overdraft_limit=row["overdraft_limit"],
+        closed=row["status"] == 2,
+        debits_posted=row["debits_posted"],
+        credits_posted=row["credits_posted"],
+        debits_pending=row["debits_pending"],
+        credits_pending=row["credits_pending"],
+    )
+
+
+def transfer_from_row(row: asyncpg.Record) -> Transfer:
+    return Transfer(
+        id=row["id"],
+        debit_account_id=row["debit_account_id"],
+        credit_account_id=row["credit_account_id"],
+        amount=row["amount"],
+        currency=row["currency"],
+        type=TransferType(row["type"]),
+        pending_id=row["pending_id"],
+        reverses_id=row["reverses_id"],
+        linked=row["linked"],
+        timeout_seconds=row["timeout_seconds"],
+        code=row["code"],
+        metadata=row["metadata"],
+        effective_at=row["effective_at"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        status=TransferStatus(row["status"]),
+        amount_reversed=row["amount_reversed"],
+    )
+
+
+async def insert_accounts(
+    conn: asyncpg.Connection, accounts: Sequence[NewAccount]
+) -> set[uuid.UUID]:
+    """Inserts the accounts that do not exist yet and returns their ids (ids
+    already taken are left alone; the caller compares them)."""
+    rows = await conn.fetch(
+        """
+        INSERT INTO accounts (id, currency, type, normal_side, no_overdraft, overdraft_limit, metadata)
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::smallint[],
+                             $5::boolean[], $6::bigint[], $7::jsonb[])
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id
+        """,
+        [a.id for a in accounts],
+        [a.currency for a in accounts],
+        [int(a.type) for a in accounts],
+        [int(a.normal_side) for a in accounts],
+        [a.no_overdraft for a in accounts],
+        [a.overdraft_limit for a in accounts],
+        [dict(a.metadata) for a in accounts],
+    )
+    return {row["id"] for row in rows}
+
+
+async def fetch_accounts(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::uuid[])", list(ids)
+        )
+    )
+
+
+async def lock_accounts(
+    conn: asyncpg.Connection, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, AccountState]:
+    """Locks the accounts in id order (so that batches never deadlock) and
+    returns their states."""
+    rows = await conn.fetch(
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
+        list(ids),
+    )
+    return {row["id"]: account_state(row) for row in rows}
+
+
+async def fetch_transfers(
+    conn: asyncpg.Connection, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Transfer]:
+    rows = await conn.fetch(
+        f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1::uuid[])", list(ids)
+    )
+    return {row["id"]: transfer_from_row(row) for row in rows}
+
+
+async def write_batch(conn: asyncpg.Connection, batch: BatchResult) -> None:
+    """Writes what a batch changed: transfers, entries and balances, each
+    with one statement."""
+    transfers = batch.new_transfers
+    if transfers:
+        await conn.execute(
+            """
+            INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, type,
+                                   pending_id, reverses_id, linked, timeout_seconds, code, metadata,
+                                   effective_at, created_at, expires_at, status)
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
+                                 $6::smallint[], $7::uuid[], $8::uuid[], $9::boolean[],
+                                 $10::integer[], $11::text[], $12::jsonb[], $13::timestamptz[],
+                                 $14::timestamptz[], $15::timestamptz[], $16::smallint[])
+            """,
+            [t.id for t in transfers],
+            [t.debit_account_id for t in transfers],
+            [t.credit_account_id for t in transfers],
+            [t.amount for t in transfers],
+            [t.currency for t in transfers],
+            [int(t.type) for t in transfers],
+            [t.pending_id for t in transfers],
+            [t.reverses_id for t in transfers],
+            [t.linked for t in transfers],
+            [t.timeout_seconds for t in transfers],
+            [t.code for t in transfers],
+            [dict(t.metadata) for t in transfers],
+            [t.effective_at for t in transfers],
+            [t.created_at for t in transfers],
+            [t.expires_at for t in transfers],
+            [int(t.status) for t in transfers],
+        )
+    if batch.entries:
+        await insert_entries(conn, batch.entries, transfers[0].created_at if transfers else None)
+    if batch.touched:
+        states = list(batch.touched.values())
+        await conn.execute(
+            """
+            UPDATE accounts AS a
+               SET debits_posted = u.dp, credits_posted = u.cp,
+                   debits_pending = u.dpe, credits_pending = u.cpe
+              FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+                   AS u(id, dp, cp, dpe, cpe)
+             WHERE a.id = u.id
+            """,
+            [s.id for s in states],
+            [s.debits_posted for s in states],
+            [s.credits_posted for s in states],
+            [s.debits_pending for s in states],
+            [s.credits_pending for s in states],
+        )
+
+
+async def insert_entries(
+    conn: asyncpg.Connection, entries: Sequence[Entry], created_at: datetime | None
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO entries (transfer_id, account_id, side, amount, currency, balance_after, code,
+                             created_at)
+        SELECT t, a, s, am, c, b, co, coalesce($8::timestamptz, now())
+          FROM unnest($1::uuid[], $2::uuid[], $3::smallint[], $4::bigint[], $5::text[],
+                      $6::bigint[], $7::text[]) AS u(t, a, s, am, c, b, co)
+        """,
+        [e.transfer_id for e in entries],
+        [e.account_id for e in entries],
+        [int(e.side) for e in entries],
+        [e.amount for e in entries],
+        [e.currency for e in entries],
+        [e.balance_after for e in entries],
+        [e.code for e in entries],
+        created_at,
+    )
+
+
+async def ensure_entry_partitions(conn: asyncpg.Connection, months_ahead: int = 2) -> None:
+    await conn.execute(
+        "SELECT ensure_entries_partition(now() + make_interval(months => m))"
+        " FROM generate_series(0, $1::int) AS m",
+        months_ahead,
+    )
+
+
+async def verify(conn: asyncpg.Connection) -> tuple[list[dict[str, object]], dict[str, int]]:
+    """Checks the ledger's invariants in one snapshot; returns discrepancies
+    and counts."""
+    discrepancies: list[dict[str, object]] = []
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        for row in await conn.fetch(
+            """
+            SELECT currency, sum(debits_posted)::numeric AS d, sum(credits_posted)::numeric AS c,
+                   sum(debits_pending)::numeric AS dp, sum(credits_pending)::numeric AS cp
+              FROM accounts GROUP BY currency
+            """
+        ):
+            if row["d"] != row["c"]:
+                discrepancies.append(
+                    {"kind": "CURRENCY_UNBALANCED", "currency": row["currency"],
+                     "expected": int(row["d"]), "actual": int(row["c"]),
+                     "detail": "posted debits and credits differ"}
+                )  # fmt: skip
+            if row["dp"] != row["cp"]:
+                discrepancies.append(
+                    {"kind": "CURRENCY_UNBALANCED_PENDING", "currency": row["currency"],
+                     "expected": int(row["dp"]), "actual": int(row["cp"]),
+                     "detail": "pending debits and credits differ"}
+                )  # fmt: skip
+        for row in await conn.fetch(
+            """
+            WITH sums AS (
+                SELECT account_id,
+                       coalesce(sum(amount) FILTER (WHERE side = 1), 0) AS d,
+                       coalesce(sum(amount) FILTER (WHERE side = 2), 0) AS c
+                  FROM entries GROUP BY account_id
+            )
+            SELECT a.id, a.currency, a.debits_posted, a.credits_posted,
+                   coalesce(s.d, 0) AS d, coalesce(s.c, 0) AS c
+              FROM accounts a LEFT JOIN sums s ON s.account_id = a.id
+             WHERE a.debits_posted <> coalesce(s.d, 0) OR a.credits_posted <> coalesce(s.c, 0)
+            """
+        ):
+            discrepancies.append(
+                {"kind": "BALANCE_MISMATCH", "account_id": str(row["id"]),
+                 "currency": row["currency"],
+                 "expected": int(row["d"]) - int(row["c"]),
+                 "actual": row["debits_posted"] - row["credits_posted"],
+                 "detail": "stored posted balance differs from the sum of entries"}
+            )  # fmt: skip
+        for row in await conn.fetch(
+            """
+            WITH holds AS (
+                SELECT account_id, sum(d) AS d, sum(c) AS c FROM (
+                    SELECT debit_account_id AS account_id, amount AS d, 0 AS c
+                      FROM transfers WHERE status = 2
+                    UNION ALL
+                    SELECT credit_account_id, 0, amount FROM transfers WHERE status = 2
+                ) h GROUP BY account_id
+            )
+            SELECT a.id, a.currency, a.debits_pending, a.credits_pending,
+                   coalesce(h.d, 0) AS d, coalesce(h.c, 0) AS c
+              FROM accounts a LEFT JOIN holds h ON h.account_id = a.id
+             WHERE a.debits_pending <> coalesce(h.d, 0) OR a.credits_pending <> coalesce(h.c, 0)
+            """
+        ):
+            discrepancies.append(
+                {"kind": "PENDING_MISMATCH", "account_id": str(row["id"]),
+                 "currency": row["currency"],
+                 "expected": int(row["d"]) - int(row["c"]),
+                 "actual": row["debits_pending"] - row["credits_pending"],
+                 "detail": "stored pending balance differs from the open holds"}
+            )  # fmt: skip
+        for row in await conn.fetch(
+            """
+            SELECT id, currency, debits_posted + debits_pending AS d,
+                   credits_posted + overdraft_limit AS c
+              FROM accounts
+             WHERE no_overdraft AND debits_posted + debits_pending > credits_posted + overdraft_limit
+            """
+        ):
+            discrepancies.append(
+                {"kind": "OVERDRAWN", "account_id": str(row["id"]), "currency": row["currency"],
+                 "expected": row["c"], "actual": row["d"],
+                 "detail": "debits exceed credits on a no_overdraft account"}
+            )  # fmt: skip
+        counts = {
+            "accounts": await conn.fetchval("SELECT count(*) FROM accounts"),
+            "transfers": await conn.fetchval("SELECT count(*) FROM transfers"),
+            "entries": await conn.fetchval("SELECT count(*) FROM entries"),
+        }
+    return discrepancies, counts
