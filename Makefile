@@ -49,7 +49,7 @@ migrate: protos infra ## Create each service's database and apply its migrations
 
 .PHONY: run
 run: protos infra ## Start the whole mesh with interleaved logs; Ctrl-C stops it.
-	@$(VENV)/bin/honcho -f deploy/local/Procfile start
+	@MONETA_LOG_FORMAT=$${MONETA_LOG_FORMAT:-console} $(VENV)/bin/honcho -f deploy/local/Procfile start
 
 .PHONY: test
 test: protos infra ## Run the whole suite: unit, integration and end to end.
@@ -91,3 +91,7 @@ bench: protos infra ## Run every benchmark; results go to bench/results/.
 .PHONY: clean
 clean: ## Remove generated code and caches (keeps .venv).
 	rm -rf gen .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+.PHONY: demo
+demo: protos ## Seed demo users on a running mesh (make run) and print curl commands.
+	@$(PY) deploy/local/demo.py

@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 
 import asyncpg
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from moneta.ledger.v1 import ledger_pb2 as pb
 from moneta.ledger.v1 import ledger_pb2_grpc
 
 from services.common.errors import Unimplemented
+from services.common.grpc_util import timestamp
 from services.ledger import handlers
 from services.ledger.store import account_state
 from services.ledger.domain import (
@@ -23,14 +23,6 @@ from services.ledger.domain import (
 )
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
-
-
-def timestamp(at: datetime | None) -> Timestamp | None:
-    if at is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
 
 
 def balance_to_pb(state: AccountState, as_of: datetime | None = None) -> pb.Balance:

@@ -1,0 +1,1 @@
+"""Budgets: per-period spending limits, reserved atomically before every spend."""

@@ -1,0 +1,125 @@
+"""The budget service's gRPC servicer: proto → handler → proto."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+import asyncpg
+import grpc
+from moneta.budget.v1 import budget_pb2 as pb
+from moneta.budget.v1 import budget_pb2_grpc
+from moneta.common.v1.money_pb2 import Money
+
+from services.budget import handlers
+from services.common.errors import InvalidArgument
+from services.common.grpc_util import actor_id, timestamp
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BudgetService"].full_name
+
+
+def budget_to_pb(row: asyncpg.Record) -> pb.Budget:
+    return pb.Budget(
+        budget_id=str(row["budget_id"]),
+        user_id=str(row["user_id"]),
+        wallet_id=str(row["wallet_id"] or ""),
+        company_id=str(row["company_id"] or ""),
+        category=row["category"],
+        currency=row["currency"],
+        total_amount=row["total_amount"],
+        used_amount=row["used_amount"],
+        reserved_amount=row["reserved_amount"],
+        remaining_amount=row["total_amount"] - row["used_amount"] - row["reserved_amount"],
+        period_type=row["period_type"],
+        start_date=timestamp(row["start_date"]),
+        end_date=timestamp(row["end_date"]),
+        mode=row["mode"],
+        rollover=row["rollover"],
+        thresholds=row["thresholds"],
+        status=row["status"],
+        created_by=row["created_by"],
+        created_at=timestamp(row["created_at"]),
+        updated_at=timestamp(row["updated_at"]),
+    )
+
+
+def reservation_to_pb(row: asyncpg.Record) -> pb.Reservation:
+    return pb.Reservation(
+        reservation_id=str(row["reservation_id"]),
+        user_id=str(row["user_id"]),
+        amount=Money(amount=row["amount"], currency=row["currency"]),
+        category=row["category"],
+        reference=row["reference"],
+        status=row["status"],
+        budget_ids=[str(b) for b in row["budget_ids"]],
+        expires_at=timestamp(row["expires_at"]),
+    )
+
+
+class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, default_ttl_seconds: int) -> None:
+        self._pool = pool
+        self._default_ttl = default_ttl_seconds
+
+    async def CreateBudget(
+        self, request: pb.CreateBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateBudgetResponse:
+        b = request.budget
+        if not (b.HasField("start_date") and b.HasField("end_date")):
+            raise InvalidArgument("start_date and end_date are required", reason="INVALID_PERIOD")
+        if b.period_type == pb.PERIOD_TYPE_UNSPECIFIED:
+            raise InvalidArgument("period_type is required", reason="INVALID_PERIOD_TYPE")
+        values = {
+            "user_id": b.user_id,
+            "wallet_id": b.wallet_id,
+            "company_id": b.company_id,
+            "category": b.category or "ALL",
+            "currency": b.currency,
+            "total_amount": b.total_amount,
+            "period_type": b.period_type,
+            "start_date": b.start_date.ToDatetime(tzinfo=UTC),
+            "end_date": b.end_date.ToDatetime(tzinfo=UTC),
+            "mode": b.mode or pb.BUDGET_MODE_HARD,
+            "rollover": b.rollover or pb.ROLLOVER_POLICY_RESET,
+            "thresholds": list(b.thresholds) or [80, 100],
+        }
+        row = await handlers.create_budget(self._pool, values, actor_id(context))
+        return pb.CreateBudgetResponse(budget=budget_to_pb(row))
+
+    async def GetBudget(
+        self, request: pb.GetBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBudgetResponse:
+        return pb.GetBudgetResponse(
+            budget=budget_to_pb(await handlers.get_budget(self._pool, request.budget_id))
+        )
+
+    async def ListBudgets(
+        self, request: pb.ListBudgetsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListBudgetsResponse:
+        rows = await handlers.list_budgets(self._pool, request.user_id)
+        return pb.ListBudgetsResponse(budgets=[budget_to_pb(r) for r in rows])
+
+    async def Reserve(
+        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveResponse:
+        cmd = handlers.ReserveCommand(
+            user_id=request.user_id,
+            amount=request.amount.amount,
+            currency=request.amount.currency,
+            category=request.category or "ALL",
+            reference=request.reference,
+            ttl_seconds=request.ttl_seconds,
+        )
+        row = await handlers.reserve(self._pool, cmd, self._default_ttl)
+        return pb.ReserveResponse(reservation=reservation_to_pb(row))
+
+    async def Commit(
+        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommitResponse:
+        row = await handlers.commit(self._pool, request.reservation_id)
+        return pb.CommitResponse(reservation=reservation_to_pb(row))
+
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        row = await handlers.release(self._pool, request.reservation_id)
+        return pb.ReleaseResponse(reservation=reservation_to_pb(row))

@@ -1,0 +1,1 @@
+"""Fraud scoring: every payment is scored before it completes."""

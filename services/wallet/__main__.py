@@ -1,0 +1,50 @@
+"""python -m services.wallet [serve|migrate]"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from moneta.wallet.v1 import wallet_pb2_grpc
+
+from services.common.db import create_pool, pool_check
+from services.common.runner import run_service
+from services.common.server import GrpcService
+from services.wallet.api import SERVICE_NAME, WalletApi
+from services.wallet.config import WalletSettings
+from services.wallet.peers import Peers
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+@asynccontextmanager
+async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
+    pool = await create_pool(
+        settings.database_url("wallet"), settings.db_pool_min, settings.db_pool_max
+    )
+    peers = Peers(
+        settings.ledger_addr, settings.budget_addr, settings.fraud_addr,
+        settings.peer_timeout_seconds,
+    )  # fmt: skip
+    try:
+        api = WalletApi(pool, peers)
+        yield GrpcService(
+            name="wallet",
+            host=settings.grpc_host,
+            port=settings.wallet_port,
+            register=lambda server: wallet_pb2_grpc.add_WalletServiceServicer_to_server(api, server),
+            service_names=[SERVICE_NAME],
+            dependencies={"postgres": pool_check(pool)},
+            metrics_port=settings.wallet_metrics_port,
+            metrics_host=settings.metrics_host,
+            grace_seconds=settings.shutdown_grace_seconds,
+            readiness_interval_seconds=settings.readiness_interval_seconds,
+        )
+    finally:
+        await peers.close()
+        await pool.close()
+
+
+if __name__ == "__main__":
+    run_service("wallet", WalletSettings, start, MIGRATIONS)

@@ -1,0 +1,177 @@
+"""The wallet's PostgreSQL adapter."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from services.common.errors import AlreadyExists
+
+_USER_COLUMNS = (
+    "user_id, email, phone, username, full_name, company_id, role, default_currency, created_at"
+)
+_WALLET_COLUMNS = (
+    "wallet_id, user_id, default_currency, status, initial_balance, created_at, updated_at"
+)
+_PAYMENT_COLUMNS = """
+    payment_id, kind, sender_user_id, idempotency_key, request_hash, recipient_user_id, amount,
+    currency, note, status, failure_reason, failure_message, reservation_id, sender_balance,
+    created_at, updated_at
+"""
+_TAKEN_REASONS = {
+    "users_email_key": "EMAIL_TAKEN",
+    "users_phone_key": "PHONE_TAKEN",
+    "users_username_key": "USERNAME_TAKEN",
+}
+
+
+async def insert_user(
+    conn: asyncpg.Connection, *, user_id: uuid.UUID, email: str, phone: str | None,
+    username: str | None, full_name: str, company_id: uuid.UUID | None, role: int,
+    default_currency: str,
+) -> bool:  # fmt: skip
+    """Inserts the user; False when the id exists already. An email, phone or
+    username that belongs to someone else is ALREADY_EXISTS with a reason."""
+    try:
+        status = await conn.execute(
+            f"""
+            INSERT INTO users ({_USER_COLUMNS})
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+            ON CONFLICT (user_id) DO NOTHING
+            """,
+            user_id, email, phone, username, full_name, company_id, role, default_currency,
+        )  # fmt: skip
+    except asyncpg.UniqueViolationError as exc:
+        reason = _TAKEN_REASONS.get(exc.constraint_name or "", "USER_EXISTS")
+        field = reason.removesuffix("_TAKEN").lower()
+        raise AlreadyExists(f"that {field} belongs to another user", reason=reason) from None
+    return bool(status.endswith(" 1"))
+
+
+async def fetch_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE user_id = $1", user_id)
+
+
+async def find_user(conn: asyncpg.Connection, *, by: str, value: str) -> asyncpg.Record | None:
+    """A user by email, phone or username (email and username ignore case)."""
+    where = {
+        "email": "lower(email) = lower($1)",
+        "phone": "phone = $1",
+        "username": "lower(username) = lower($1)",
+    }[by]
+    return await conn.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE {where}", value)
+
+
+async def insert_wallet(
+    conn: asyncpg.Connection, *, wallet_id: uuid.UUID, user_id: uuid.UUID, currency: str,
+    initial_balance: int, ledger_account_id: uuid.UUID,
+) -> None:  # fmt: skip
+    await conn.execute(
+        """
+        INSERT INTO wallets (wallet_id, user_id, default_currency, initial_balance)
+        VALUES ($1, $2, $3, $4) ON CONFLICT (wallet_id) DO NOTHING
+        """,
+        wallet_id,
+        user_id,
+        currency,
+        initial_balance,
+    )
+    await insert_wallet_account(conn, wallet_id, currency, ledger_account_id)
+
+
+async def insert_wallet_account(
+    conn: asyncpg.Connection, wallet_id: uuid.UUID, currency: str, ledger_account_id: uuid.UUID
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO wallet_accounts (wallet_id, currency, ledger_account_id)
+        VALUES ($1, $2, $3) ON CONFLICT (wallet_id, currency) DO NOTHING
+        """,
+        wallet_id,
+        currency,
+        ledger_account_id,
+    )
+
+
+async def fetch_wallet(
+    conn: asyncpg.Connection, *, wallet_id: uuid.UUID | None = None, user_id: uuid.UUID | None = None
+) -> asyncpg.Record | None:
+    if wallet_id is not None:
+        return await conn.fetchrow(
+            f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE wallet_id = $1", wallet_id
+        )
+    return await conn.fetchrow(f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE user_id = $1", user_id)
+
+
+async def wallet_accounts(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> dict[str, uuid.UUID]:
+    rows = await conn.fetch(
+        "SELECT currency, ledger_account_id FROM wallet_accounts WHERE wallet_id = $1"
+        " ORDER BY created_at, currency",
+        wallet_id,
+    )
+    return {r["currency"]: r["ledger_account_id"] for r in rows}
+
+
+async def claim_payment(
+    conn: asyncpg.Connection, *, payment_id: uuid.UUID, kind: str, sender_user_id: uuid.UUID,
+    idempotency_key: str, request_hash: str, recipient_user_id: uuid.UUID | None, amount: int,
+    currency: str, note: str,
+) -> asyncpg.Record:  # fmt: skip
+    """Records the payment as PROCESSING, or returns the one recorded under
+    the same idempotency key."""
+    await conn.execute(
+        """
+        INSERT INTO payments (payment_id, kind, sender_user_id, idempotency_key, request_hash,
+                              recipient_user_id, amount, currency, note, status)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING')
+        ON CONFLICT DO NOTHING
+        """,
+        payment_id, kind, sender_user_id, idempotency_key, request_hash, recipient_user_id,
+        amount, currency, note,
+    )  # fmt: skip
+    row = await conn.fetchrow(
+        f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE sender_user_id = $1 AND idempotency_key = $2",
+        sender_user_id,
+        idempotency_key,
+    )
+    assert row is not None
+    return row
+
+
+async def set_payment_reservation(
+    conn: asyncpg.Connection, payment_id: uuid.UUID, reservation_id: str
+) -> None:
+    await conn.execute(
+        "UPDATE payments SET reservation_id = $2, updated_at = now() WHERE payment_id = $1",
+        payment_id,
+        uuid.UUID(reservation_id),
+    )
+
+
+async def complete_payment(
+    conn: asyncpg.Connection, payment_id: uuid.UUID, sender_balance: int
+) -> None:
+    await conn.execute(
+        """
+        UPDATE payments SET status = 'COMPLETED', sender_balance = $2, updated_at = now()
+         WHERE payment_id = $1 AND status = 'PROCESSING'
+        """,
+        payment_id,
+        sender_balance,
+    )
+
+
+async def fail_payment(
+    conn: asyncpg.Connection, payment_id: uuid.UUID, reason: str, message: str
+) -> None:
+    await conn.execute(
+        """
+        UPDATE payments SET status = 'FAILED', failure_reason = $2, failure_message = $3,
+                            updated_at = now()
+         WHERE payment_id = $1 AND status = 'PROCESSING'
+        """,
+        payment_id,
+        reason,
+        message,
+    )

@@ -1,0 +1,109 @@
+"""Test isolation: every run gets its own databases, Redis key prefix and
+AMQP exchange, so that runs (and a `make run` beside them) never collide.
+
+Integration and end-to-end tests talk to the real PostgreSQL, RabbitMQ and
+Redis at the usual MONETA_* URLs; nothing here fakes them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from services.common.config import CommonSettings
+from services.common.db import create_pool, migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class TestRun:
+    """Names that belong to this test run only."""
+
+    run_id: str
+    db_prefix: str
+    redis_prefix: str
+    amqp_exchange: str
+    settings: CommonSettings
+
+    def env(self) -> dict[str, str]:
+        """The environment a service process of this run is started with."""
+        return {
+            "MONETA_POSTGRES_URL": self.settings.postgres_url,
+            "MONETA_AMQP_URL": self.settings.amqp_url,
+            "MONETA_REDIS_URL": self.settings.redis_url,
+            "MONETA_DB_PREFIX": self.db_prefix,
+            "MONETA_REDIS_PREFIX": self.redis_prefix,
+            "MONETA_AMQP_EXCHANGE": self.amqp_exchange,
+        }
+
+    def database_url(self, service: str) -> str:
+        return self.settings.database_url(service)
+
+
+@pytest.fixture(scope="session")
+def test_run() -> Iterator[TestRun]:
+    run_id = f"{os.getpid()}{secrets.token_hex(3)}"
+    db_prefix = f"moneta_test_{run_id}_"
+    base = CommonSettings()
+    settings = base.model_copy(update={"db_prefix": db_prefix})
+    run = TestRun(
+        run_id=run_id,
+        db_prefix=db_prefix,
+        redis_prefix=f"moneta-test:{run_id}:",
+        amqp_exchange=f"moneta.events.test.{run_id}",
+        settings=settings,
+    )
+    yield run
+    _drop_databases(base.postgres_url, db_prefix)
+
+
+def _drop_databases(postgres_url: str, prefix: str) -> None:
+    import asyncio
+
+    async def drop() -> None:
+        parts = urlsplit(postgres_url)
+        conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+        try:
+            names = await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datname LIKE $1", prefix.replace("_", r"\_") + "%"
+            )
+            for row in names:
+                quoted = '"' + row["datname"].replace('"', '""') + '"'
+                await conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(drop())
+    except OSError:
+        pass  # the database is gone already; nothing to clean
+
+
+async def service_pool(run: TestRun, service: str) -> asyncpg.Pool:
+    """A migrated database of the run's own for ``service``, and a pool on it."""
+    url = run.database_url(service)
+    await migrate(url, ROOT / "services" / service / "migrations")
+    return await create_pool(url, min_size=1, max_size=20)
+
+
+@pytest.fixture(scope="session")
+async def ledger_pool(test_run: TestRun) -> AsyncIterator[asyncpg.Pool]:
+    pool = await service_pool(test_run, "ledger")
+    yield pool
+    await pool.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test by its folder: unit, integration or e2e."""
+    for item in items:
+        kind = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+        if kind in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, kind))
