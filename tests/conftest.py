@@ -7,6 +7,7 @@ Redis at the usual MONETA_* URLs; nothing here fakes them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -73,7 +74,8 @@ def _drop_databases(postgres_url: str, prefix: str) -> None:
         conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
         try:
             names = await conn.fetch(
-                "SELECT datname FROM pg_database WHERE datname LIKE $1", prefix.replace("_", r"\_") + "%"
+                "SELECT datname FROM pg_database WHERE datname LIKE $1",
+                prefix.replace("_", r"\_") + "%",
             )
             for row in names:
                 quoted = '"' + row["datname"].replace('"', '""') + '"'
@@ -81,10 +83,8 @@ def _drop_databases(postgres_url: str, prefix: str) -> None:
         finally:
             await conn.close()
 
-    try:
+    with contextlib.suppress(OSError):  # the server is gone already: nothing to clean
         asyncio.run(drop())
-    except OSError:
-        pass  # the database is gone already; nothing to clean
 
 
 async def service_pool(run: TestRun, service: str) -> asyncpg.Pool:

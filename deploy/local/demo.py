@@ -12,8 +12,8 @@ import uuid
 
 import grpc
 import httpx
-from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 
+from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.gateway.auth import TokenVerifier
 from services.gateway.config import GatewaySettings
 
@@ -50,20 +50,22 @@ async def main() -> None:
                 headers={"Authorization": f"Bearer {admin}"},
             )
             if response.status_code not in (201, 409):
-                raise SystemExit(f"creating a wallet failed: {response.status_code} {response.text}")
+                raise SystemExit(
+                    f"creating a wallet failed: {response.status_code} {response.text}"
+                )
     alice = verifier.issue(str(ALICE), "user", ttl_seconds=24 * 3600)
     print(f"ALICE_TOKEN={alice}")
     print(f"ADMIN_TOKEN={admin}")
     print()
     print("# Alice sends Bob 12.50 USD:")
     print(
-        f"curl -s -X POST {gateway}/api/v1/transfers -H \"Authorization: Bearer $ALICE_TOKEN\" "
+        f'curl -s -X POST {gateway}/api/v1/transfers -H "Authorization: Bearer $ALICE_TOKEN" '
         "-H 'Content-Type: application/json' "
-        f"-d '{{\"sender_id\": \"{ALICE}\", \"recipient\": \"bob@example.com\", "
-        "\"amount\": \"12.50\", \"currency\": \"USD\", \"idempotency_key\": \"demo-1\"}'"
+        f'-d \'{{"sender_id": "{ALICE}", "recipient": "bob@example.com", '
+        '"amount": "12.50", "currency": "USD", "idempotency_key": "demo-1"}\''
     )
     print("# Alice's wallet:")
-    print(f"curl -s {gateway}/api/v1/wallets/{ALICE} -H \"Authorization: Bearer $ALICE_TOKEN\"")
+    print(f'curl -s {gateway}/api/v1/wallets/{ALICE} -H "Authorization: Bearer $ALICE_TOKEN"')
 
 
 if __name__ == "__main__":

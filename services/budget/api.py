@@ -6,10 +6,10 @@ from datetime import UTC
 
 import asyncpg
 import grpc
+
 from moneta.budget.v1 import budget_pb2 as pb
 from moneta.budget.v1 import budget_pb2_grpc
 from moneta.common.v1.money_pb2 import Money
-
 from services.budget import handlers
 from services.common.errors import InvalidArgument
 from services.common.grpc_util import actor_id, timestamp

@@ -103,10 +103,15 @@ async def reserve(pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int) -> 
     raise AssertionError("unreachable")
 
 
-def _same_reservation(prior: asyncpg.Record, user_id: uuid.UUID, cmd: ReserveCommand) -> asyncpg.Record:
+def _same_reservation(
+    prior: asyncpg.Record, user_id: uuid.UUID, cmd: ReserveCommand
+) -> asyncpg.Record:
     if (prior["user_id"], prior["amount"], prior["currency"], prior["category"]) != (
-        user_id, cmd.amount, cmd.currency, cmd.category,
-    ):  # fmt: skip
+        user_id,
+        cmd.amount,
+        cmd.currency,
+        cmd.category,
+    ):
         raise AlreadyExists(
             "this reference was reserved with other values", reason="REFERENCE_REUSED"
         )

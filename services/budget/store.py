@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 
 from services.budget.domain import BudgetState, Mode, ReservationStatus
+from services.common.db import DbConn
 
 _BUDGET_COLUMNS = """
     budget_id, user_id, wallet_id, company_id, category, currency, total_amount, used_amount,
@@ -33,7 +34,7 @@ def budget_state(row: asyncpg.Record) -> BudgetState:
     )
 
 
-async def insert_budget(conn: asyncpg.Connection, values: dict[str, Any], actor: str) -> asyncpg.Record:
+async def insert_budget(conn: DbConn, values: dict[str, Any], actor: str) -> asyncpg.Record:
     row = await conn.fetchrow(
         f"""
         INSERT INTO budgets (budget_id, user_id, wallet_id, company_id, category, currency,
@@ -42,11 +43,21 @@ async def insert_budget(conn: asyncpg.Connection, values: dict[str, Any], actor:
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
         RETURNING {_BUDGET_COLUMNS}
         """,
-        values["budget_id"], values["user_id"], values["wallet_id"], values["company_id"],
-        values["category"], values["currency"], values["total_amount"], values["period_type"],
-        values["start_date"], values["end_date"], values["mode"], values["rollover"],
-        values["thresholds"], actor,
-    )  # fmt: skip
+        values["budget_id"],
+        values["user_id"],
+        values["wallet_id"],
+        values["company_id"],
+        values["category"],
+        values["currency"],
+        values["total_amount"],
+        values["period_type"],
+        values["start_date"],
+        values["end_date"],
+        values["mode"],
+        values["rollover"],
+        values["thresholds"],
+        actor,
+    )
     assert row is not None
     await conn.execute(
         "INSERT INTO budget_history (history_id, budget_id, action, new_values, actor_id)"
@@ -59,11 +70,13 @@ async def insert_budget(conn: asyncpg.Connection, values: dict[str, Any], actor:
     return row
 
 
-async def fetch_budget(conn: asyncpg.Connection, budget_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE budget_id = $1", budget_id)
+async def fetch_budget(conn: DbConn, budget_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE budget_id = $1", budget_id
+    )
 
 
-async def list_budgets(conn: asyncpg.Connection, user_id: uuid.UUID) -> list[asyncpg.Record]:
+async def list_budgets(conn: DbConn, user_id: uuid.UUID) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
             f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE user_id = $1 ORDER BY created_at, budget_id",
@@ -73,7 +86,7 @@ async def list_budgets(conn: asyncpg.Connection, user_id: uuid.UUID) -> list[asy
 
 
 async def lock_applicable_budgets(
-    conn: asyncpg.Connection, user_id: uuid.UUID, category: str, now: datetime
+    conn: DbConn, user_id: uuid.UUID, category: str, now: datetime
 ) -> list[BudgetState]:
     """The active budgets that a spend in ``category`` must fit, locked in id
     order so that concurrent reservations queue instead of deadlocking."""
@@ -92,15 +105,16 @@ async def lock_applicable_budgets(
 
 
 async def fetch_reservation(
-    conn: asyncpg.Connection, *, reservation_id: uuid.UUID | None = None, reference: str | None = None,
+    conn: DbConn,
+    *,
+    reservation_id: uuid.UUID | None = None,
+    reference: str | None = None,
     lock: bool = False,
-) -> asyncpg.Record | None:  # fmt: skip
+) -> asyncpg.Record | None:
     where = "r.reservation_id = $1" if reservation_id is not None else "r.reference = $1"
     key: object = reservation_id if reservation_id is not None else reference
     if lock:
-        await conn.execute(
-            f"SELECT 1 FROM reservations r WHERE {where} FOR UPDATE", key
-        )
+        await conn.execute(f"SELECT 1 FROM reservations r WHERE {where} FOR UPDATE", key)
     return await conn.fetchrow(
         f"""
         SELECT {_RESERVATION_COLUMNS} FROM reservations r
@@ -112,18 +126,31 @@ async def fetch_reservation(
 
 
 async def insert_reservation(
-    conn: asyncpg.Connection, *, reservation_id: uuid.UUID, reference: str, user_id: uuid.UUID,
-    amount: int, currency: str, category: str, expires_at: datetime,
+    conn: DbConn,
+    *,
+    reservation_id: uuid.UUID,
+    reference: str,
+    user_id: uuid.UUID,
+    amount: int,
+    currency: str,
+    category: str,
+    expires_at: datetime,
     lines: list[tuple[uuid.UUID, int]],
-) -> None:  # fmt: skip
+) -> None:
     await conn.execute(
         """
         INSERT INTO reservations (reservation_id, reference, user_id, amount, currency, category,
                                   status, expires_at)
         VALUES ($1, $2, $3, $4, $5, $6, 1, $7)
         """,
-        reservation_id, reference, user_id, amount, currency, category, expires_at,
-    )  # fmt: skip
+        reservation_id,
+        reference,
+        user_id,
+        amount,
+        currency,
+        category,
+        expires_at,
+    )
     if lines:
         await conn.execute(
             "INSERT INTO reservation_lines (reservation_id, budget_id, amount)"
@@ -143,7 +170,7 @@ async def insert_reservation(
 
 
 async def settle_reservation(
-    conn: asyncpg.Connection, reservation_id: uuid.UUID, to: ReservationStatus
+    conn: DbConn, reservation_id: uuid.UUID, to: ReservationStatus
 ) -> None:
     """Moves a RESERVED reservation to COMMITTED (reserved → used) or to
     RELEASED/EXPIRED (reserved freed). The caller holds its row lock."""
@@ -174,7 +201,7 @@ async def settle_reservation(
     )
 
 
-async def expired_reservation_ids(conn: asyncpg.Connection, limit: int = 500) -> list[uuid.UUID]:
+async def expired_reservation_ids(conn: DbConn, limit: int = 500) -> list[uuid.UUID]:
     rows = await conn.fetch(
         """
         SELECT reservation_id FROM reservations

@@ -12,14 +12,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import asyncpg.pool
 import structlog
 
 log = structlog.get_logger("moneta.db")
+
+# A connection, whether held directly or borrowed from a pool.
+DbConn: TypeAlias = (
+    "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+)
 
 _MIGRATION_RE = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 # Any constant shared by all services; each service has its own database, so
@@ -75,7 +83,7 @@ async def ensure_database(url: str) -> None:
         await conn.close()
 
 
-async def apply_migrations(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
+async def apply_migrations(conn: DbConn, migrations: list[Migration]) -> list[str]:
     """Applies the migrations not applied yet; returns their names."""
     applied_now: list[str] = []
     async with conn.transaction():
@@ -96,9 +104,7 @@ async def apply_migrations(conn: asyncpg.Connection, migrations: list[Migration]
             row = done.get(migration.version)
             if row is not None:
                 if row["checksum"] != migration.checksum:
-                    raise MigrationError(
-                        f"migration {migration.name} changed after it was applied"
-                    )
+                    raise MigrationError(f"migration {migration.name} changed after it was applied")
                 continue
             await conn.execute(migration.sql)
             await conn.execute(
@@ -144,7 +150,7 @@ async def create_pool(url: str, min_size: int = 1, max_size: int = 10) -> asyncp
     return pool
 
 
-def pool_check(pool: asyncpg.Pool) -> object:
+def pool_check(pool: asyncpg.Pool) -> Callable[[], Awaitable[None]]:
     """A readiness check: the database answers a query."""
 
     async def check() -> None:

@@ -37,6 +37,7 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+
     def add_service(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
         event.setdefault("service", service)
         return event

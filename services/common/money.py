@@ -16,23 +16,68 @@ INT64_MAX = 2**63 - 1
 
 # Minor-unit exponents. ISO 4217 active codes that Moneta supports, plus BTC.
 CURRENCY_EXPONENTS: dict[str, int] = {
-    "AED": 2, "ARS": 2, "AUD": 2, "BHD": 3, "BRL": 2, "BTC": 8, "CAD": 2, "CHF": 2,
-    "CLP": 0, "CNY": 2, "COP": 2, "CZK": 2, "DKK": 2, "EGP": 2, "EUR": 2, "GBP": 2,
-    "HKD": 2, "HUF": 2, "IDR": 2, "ILS": 2, "INR": 2, "ISK": 0, "JOD": 3, "JPY": 0,
-    "KES": 2, "KRW": 0, "KWD": 3, "MAD": 2, "MXN": 2, "MYR": 2, "NGN": 2, "NOK": 2,
-    "NZD": 2, "OMR": 3, "PHP": 2, "PKR": 2, "PLN": 2, "QAR": 2, "RON": 2, "SAR": 2,
-    "SEK": 2, "SGD": 2, "THB": 2, "TND": 3, "TRY": 2, "TWD": 2, "UAH": 2, "USD": 2,
-    "VND": 0, "ZAR": 2,
-}  # fmt: skip
+    "AED": 2,
+    "ARS": 2,
+    "AUD": 2,
+    "BHD": 3,
+    "BRL": 2,
+    "BTC": 8,
+    "CAD": 2,
+    "CHF": 2,
+    "CLP": 0,
+    "CNY": 2,
+    "COP": 2,
+    "CZK": 2,
+    "DKK": 2,
+    "EGP": 2,
+    "EUR": 2,
+    "GBP": 2,
+    "HKD": 2,
+    "HUF": 2,
+    "IDR": 2,
+    "ILS": 2,
+    "INR": 2,
+    "ISK": 0,
+    "JOD": 3,
+    "JPY": 0,
+    "KES": 2,
+    "KRW": 0,
+    "KWD": 3,
+    "MAD": 2,
+    "MXN": 2,
+    "MYR": 2,
+    "NGN": 2,
+    "NOK": 2,
+    "NZD": 2,
+    "OMR": 3,
+    "PHP": 2,
+    "PKR": 2,
+    "PLN": 2,
+    "QAR": 2,
+    "RON": 2,
+    "SAR": 2,
+    "SEK": 2,
+    "SGD": 2,
+    "THB": 2,
+    "TND": 3,
+    "TRY": 2,
+    "TWD": 2,
+    "UAH": 2,
+    "USD": 2,
+    "VND": 0,
+    "ZAR": 2,
+}
 
-_DECIMAL_RE = re.compile(r"^-?\d{1,20}(\.\d{1,18})?$")
+_DECIMAL_RE = re.compile(r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$")
 
 
 def validate_currency(code: str) -> str:
     """The code itself, or INVALID_ARGUMENT with reason UNKNOWN_CURRENCY."""
     if code not in CURRENCY_EXPONENTS:
         raise InvalidArgument(
-            f"unknown currency {code[:8]!r}", reason="UNKNOWN_CURRENCY", details={"currency": code[:8]}
+            f"unknown currency {code[:8]!r}",
+            reason="UNKNOWN_CURRENCY",
+            details={"currency": code[:8]},
         )
     return code
 
@@ -50,11 +95,15 @@ def to_minor_units(amount: str | int | Decimal, currency: str) -> int:
     by type: they cannot carry money exactly.
     """
     exp = exponent(currency)
-    if isinstance(amount, bool) or isinstance(amount, float):
-        raise InvalidArgument("amounts must be decimal strings or integers", reason="INVALID_AMOUNT")
+    if isinstance(amount, bool | float):
+        raise InvalidArgument(
+            "amounts must be decimal strings or integers", reason="INVALID_AMOUNT"
+        )
     if isinstance(amount, str):
         if not _DECIMAL_RE.match(amount.strip()):
-            raise InvalidArgument(f"{amount[:32]!r} is not a decimal amount", reason="INVALID_AMOUNT")
+            raise InvalidArgument(
+                f"{amount[:32]!r} is not a decimal amount", reason="INVALID_AMOUNT"
+            )
         try:
             value = Decimal(amount.strip())
         except InvalidOperation as exc:  # pragma: no cover - the regex already guards

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
@@ -54,7 +55,7 @@ class GrpcService:
     grace_seconds: float = 10.0
     readiness_interval_seconds: float = 2.0
     # Long-running tasks (relays, consumers, sweepers), cancelled on stop.
-    background: Sequence[Callable[[], Awaitable[None]]] = ()
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
 
 
 async def check_dependencies(checks: dict[str, DependencyCheck]) -> dict[str, str | None]:

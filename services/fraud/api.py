@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import asyncpg
 import grpc
+
 from moneta.fraud.v1 import fraud_pb2 as pb
 from moneta.fraud.v1 import fraud_pb2_grpc
-
 from services.common.errors import InvalidArgument
 from services.common.grpc_util import actor_id, timestamp
 from services.fraud import handlers
@@ -57,8 +59,10 @@ class FraudApi(fraud_pb2_grpc.FraudServiceServicer):
         return pb.ScoreResponse(
             transaction_id=request.transaction_id,
             score=verdict.score,
-            decision=int(verdict.decision),
-            reasons=[pb.Reason(code=r.code, detail=r.detail, weight=r.weight) for r in verdict.reasons],
+            decision=cast(pb.Decision.ValueType, int(verdict.decision)),
+            reasons=[
+                pb.Reason(code=r.code, detail=r.detail, weight=r.weight) for r in verdict.reasons
+            ],
             model_version=verdict.model_version,
         )
 
@@ -67,9 +71,13 @@ class FraudApi(fraud_pb2_grpc.FraudServiceServicer):
     ) -> pb.AddListEntryResponse:
         e = request.entry
         row = await handlers.add_list_entry(
-            self._pool, _list_kind(e.list), _subject(e.subject_type), e.value, e.reason,
+            self._pool,
+            _list_kind(e.list),
+            _subject(e.subject_type),
+            e.value,
+            e.reason,
             actor_id(context),
-        )  # fmt: skip
+        )
         return pb.AddListEntryResponse(
             entry=pb.ListEntry(
                 list=row["list"],

@@ -35,7 +35,9 @@ def _validate(cmd: ScoreCommand) -> None:
     validate_currency(cmd.currency)
     if cmd.has_location and not (-90 <= cmd.latitude <= 90 and -180 <= cmd.longitude <= 180):
         raise InvalidArgument("coordinates are out of range", reason="INVALID_COORDINATES")
-    if cmd.country and not (len(cmd.country) == 2 and cmd.country.isalpha() and cmd.country.isupper()):
+    if cmd.country and not (
+        len(cmd.country) == 2 and cmd.country.isalpha() and cmd.country.isupper()
+    ):
         raise InvalidArgument("country must be ISO 3166-1 alpha-2", reason="INVALID_COUNTRY")
 
 
@@ -68,8 +70,12 @@ async def score(pool: asyncpg.Pool, cmd: ScoreCommand) -> Verdict:
             [int(s) for s in subjects],
             list(subjects.values()),
         )
-        blocked = {(Subject(r["subject_type"]), r["value"]) for r in rows if r["list"] == ListKind.BLOCK}
-        allowed = {(Subject(r["subject_type"]), r["value"]) for r in rows if r["list"] == ListKind.ALLOW}
+        blocked = {
+            (Subject(r["subject_type"]), r["value"]) for r in rows if r["list"] == ListKind.BLOCK
+        }
+        allowed = {
+            (Subject(r["subject_type"]), r["value"]) for r in rows if r["list"] == ListKind.ALLOW
+        }
         verdict = decide(subjects, blocked, allowed)
         await conn.execute(
             """
@@ -116,7 +122,9 @@ async def add_list_entry(
     return row
 
 
-async def remove_list_entry(pool: asyncpg.Pool, kind: ListKind, subject: Subject, value: str) -> None:
+async def remove_list_entry(
+    pool: asyncpg.Pool, kind: ListKind, subject: Subject, value: str
+) -> None:
     async with pool.acquire() as conn:
         await conn.execute(
             "DELETE FROM list_entries WHERE list = $1 AND subject_type = $2 AND value = $3",

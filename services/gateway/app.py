@@ -1,6 +1,5 @@
 """The gateway's FastAPI application."""
 
-
 import asyncio
 import time
 import uuid
@@ -15,15 +14,15 @@ import structlog
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from moneta.budget.v1 import budget_pb2
 from moneta.common.v1.money_pb2 import Money
 from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from services.common.errors import (
     InvalidArgument,
     MonetaError,
@@ -43,7 +42,9 @@ log = structlog.get_logger("moneta.gateway")
 T = TypeVar("T")
 
 HTTP_REQUESTS = Counter(
-    "moneta_http_requests_total", "HTTP requests, by route and status.", ["method", "route", "status"]
+    "moneta_http_requests_total",
+    "HTTP requests, by route and status.",
+    ["method", "route", "status"],
 )
 HTTP_LATENCY = Histogram(
     "moneta_http_request_seconds",
@@ -90,7 +91,11 @@ class JsonResponse(Response):
 
 
 def error_body(
-    http_status: int, grpc_status: str, reason: str, message: str, details: dict[str, str] | None = None
+    http_status: int,
+    grpc_status: str,
+    reason: str,
+    message: str,
+    details: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     return {
         "error": {
@@ -158,9 +163,9 @@ class Upstreams:
                 health_pb2.HealthCheckRequest(service=self.service_names[name]), timeout=1.0
             )
         except grpc.aio.AioRpcError as exc:
-            return exc.code().name
+            return str(exc.code().name)
         if response.status != health_pb2.HealthCheckResponse.SERVING:
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
         return None
 
 
@@ -199,7 +204,7 @@ class TransferBody(BaseModel):
     recipient: str = Field(
         min_length=1, max_length=320, description="User id, email, phone (E.164) or username."
     )
-    amount: Amount = Field(description="Decimal string or number, in major units, e.g. \"12.50\".")
+    amount: Amount = Field(description='Decimal string or number, in major units, e.g. "12.50".')
     currency: str | None = Field(default=None, min_length=3, max_length=4)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     note: str = Field(default="", max_length=500)
@@ -305,7 +310,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         title="Moneta API",
         version="1.0.0",
         description="The public HTTP API of Moneta, an open money core. Amounts are decimal "
-        "strings in major units; errors are {\"error\": {code, status, reason, message, details}}.",
+        'strings in major units; errors are {"error": {code, status, reason, message, details}}.',
         lifespan=lifespan,
     )
 
@@ -318,7 +323,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # -- middleware and errors
 
     @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         token = request_id_var.set(request_id[:128])
         started = time.perf_counter()
@@ -326,10 +333,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             if length and length.isdigit() and int(length) > settings.max_body_bytes:
                 response: Response = JsonResponse(
-                    error_body(413, "INVALID_ARGUMENT", "BODY_TOO_LARGE",
-                               f"the body is larger than {settings.max_body_bytes} bytes"),
+                    error_body(
+                        413,
+                        "INVALID_ARGUMENT",
+                        "BODY_TOO_LARGE",
+                        f"the body is larger than {settings.max_body_bytes} bytes",
+                    ),
                     status_code=413,
-                )  # fmt: skip
+                )
             else:
                 response = await call_next(request)
         finally:
@@ -367,10 +378,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         field = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return JsonResponse(
-            error_body(400, "INVALID_ARGUMENT", "VALIDATION_ERROR",
-                       f"{field or 'body'}: {first.get('msg', 'invalid')}", {"field": field}),
+            error_body(
+                400,
+                "INVALID_ARGUMENT",
+                "VALIDATION_ERROR",
+                f"{field or 'body'}: {first.get('msg', 'invalid')}",
+                {"field": field},
+            ),
             status_code=400,
-        )  # fmt: skip
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JsonResponse:
@@ -385,10 +401,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def on_bug(request: Request, exc: Exception) -> JsonResponse:
         log.exception("unhandled_error")
         return JsonResponse(
-            error_body(500, "INTERNAL", "INTERNAL",
-                       f"internal error (request id {request_id_var.get() or '-'})"),
+            error_body(
+                500,
+                "INTERNAL",
+                "INTERNAL",
+                f"internal error (request id {request_id_var.get() or '-'})",
+            ),
             status_code=500,
-        )  # fmt: skip
+        )
 
     # -- operations
 
@@ -426,16 +446,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             return
         if who.role == "manager" and who.company_id:
             try:
-                target = await call(who, upstreams().wallet.GetUser, wallet_pb2.GetUserRequest(user_id=user_id))
+                target = await call(
+                    who, upstreams().wallet.GetUser, wallet_pb2.GetUserRequest(user_id=user_id)
+                )
             except (NotFound, InvalidArgument):
                 raise NotFound("not found", reason=reason) from None
             if target.user.company_id == who.company_id:
                 return
         raise NotFound("not found", reason=reason)
 
-    @app.post(
-        "/api/v1/wallets", status_code=201, tags=["wallets"], responses=ERROR_RESPONSES
-    )
+    @app.post("/api/v1/wallets", status_code=201, tags=["wallets"], responses=ERROR_RESPONSES)
     async def create_wallet(
         body: CreateWalletBody, who: Annotated[Principal, Depends(principal)]
     ) -> WalletAnswer:
@@ -459,7 +479,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return wallet_answer(response.wallet)
 
     @app.get("/api/v1/wallets/{user_id}", tags=["wallets"], responses=ERROR_RESPONSES)
-    async def get_wallet(user_id: str, who: Annotated[Principal, Depends(principal)]) -> WalletAnswer:
+    async def get_wallet(
+        user_id: str, who: Annotated[Principal, Depends(principal)]
+    ) -> WalletAnswer:
         """A user's wallet with its balance in every currency."""
         await authorize_user_access(who, user_id, "WALLET_NOT_FOUND")
         response = await call(
@@ -495,8 +517,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             currency = sender.wallet.currency
         amount = parse_amount(body.amount, currency)
         if amount <= 0:
-            raise InvalidArgument("amount must be greater than zero", reason="INVALID_AMOUNT",
-                                  details={"field": "amount"})  # fmt: skip
+            raise InvalidArgument(
+                "amount must be greater than zero",
+                reason="INVALID_AMOUNT",
+                details={"field": "amount"},
+            )
         response = await call(
             who,
             upstreams().wallet.Transfer,
@@ -530,10 +555,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return VerifyAnswer(
             ok=r.ok,
             discrepancies=[
-                {"kind": d.kind, "account_id": d.account_id, "currency": d.currency,
-                 "expected": d.expected, "actual": d.actual, "detail": d.detail}
+                {
+                    "kind": d.kind,
+                    "account_id": d.account_id,
+                    "currency": d.currency,
+                    "expected": d.expected,
+                    "actual": d.actual,
+                    "detail": d.detail,
+                }
                 for d in r.discrepancies
-            ],  # fmt: skip
+            ],
             accounts_checked=r.accounts_checked,
             transfers_checked=r.transfers_checked,
             entries_checked=r.entries_checked,

@@ -5,7 +5,7 @@ from pydantic import field_validator
 from services.common.config import CommonSettings
 
 # Clearly a development default: the gateway logs a warning when it runs on it.
-DEV_JWT_SECRET = "moneta-dev-only-insecure-jwt-secret"
+DEV_JWT_SECRET = "moneta-dev-only-insecure-jwt-secret"  # noqa: S105 - a marked dev default
 
 
 class GatewaySettings(CommonSettings):

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import cast
 
 import asyncpg
 import grpc
+
 from moneta.ledger.v1 import ledger_pb2 as pb
 from moneta.ledger.v1 import ledger_pb2_grpc
-
 from services.common.errors import Unimplemented
 from services.common.grpc_util import timestamp
 from services.ledger import handlers
-from services.ledger.store import account_state
 from services.ledger.domain import (
     AccountSpec,
     AccountState,
@@ -21,6 +21,7 @@ from services.ledger.domain import (
     TransferOutcome,
     TransferSpec,
 )
+from services.ledger.store import account_state
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
 
@@ -52,7 +53,7 @@ def transfer_to_pb(t: Transfer) -> pb.Transfer:
         credit_account_id=str(t.credit_account_id),
         amount=t.amount,
         currency=t.currency,
-        type=int(t.type),
+        type=cast(pb.TransferType.ValueType, int(t.type)),
         pending_id=str(t.pending_id or ""),
         reverses_id=str(t.reverses_id or ""),
         linked=t.linked,
@@ -60,7 +61,7 @@ def transfer_to_pb(t: Transfer) -> pb.Transfer:
         code=t.code,
         metadata={k: str(v) for k, v in t.metadata.items()},
         effective_at=timestamp(t.effective_at or t.created_at),
-        status=int(t.status),
+        status=cast(pb.TransferStatus.ValueType, int(t.status)),
         created_at=timestamp(t.created_at),
         expires_at=timestamp(t.expires_at),
     )
@@ -145,7 +146,9 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> pb.CreateTransfersResponse:
         specs = [transfer_from_pb(t) for t in request.transfers]
         unsupported = {
-            s.type for s in specs if s.type not in (pb.TRANSFER_TYPE_UNSPECIFIED, pb.TRANSFER_TYPE_POSTED)
+            s.type
+            for s in specs
+            if s.type not in (pb.TRANSFER_TYPE_UNSPECIFIED, pb.TRANSFER_TYPE_POSTED)
         }
         if unsupported:
             raise Unimplemented(

@@ -379,7 +379,12 @@ def apply_batch(
     for index, spec in enumerate(specs):
         linked = spec.linked
         if linked and chain_start is None:
-            chain_start, chain_saved, chain_entries_mark, chain_failed = index, {}, len(entries), False
+            chain_start, chain_saved, chain_entries_mark, chain_failed = (
+                index,
+                {},
+                len(entries),
+                False,
+            )
         in_chain = chain_start is not None
 
         if chain_failed:
@@ -389,15 +394,29 @@ def apply_batch(
             code, transfer = TransferCode.LINKED_EVENT_CHAIN_OPEN, None
         else:
             code, transfer = _apply_one(
-                spec, states, existing, created, entries, touched, now,
+                spec,
+                states,
+                existing,
+                created,
+                entries,
+                touched,
+                now,
                 chain_saved if in_chain else None,
-            )  # fmt: skip
+            )
         outcomes.append(TransferOutcome(spec.id, code, transfer))
 
         if in_chain and not code.ok and not chain_failed:
             chain_failed = True
-            _undo_chain(chain_start or 0, index, outcomes, states, chain_saved, created, entries,
-                        chain_entries_mark)  # fmt: skip
+            _undo_chain(
+                chain_start or 0,
+                index,
+                outcomes,
+                states,
+                chain_saved,
+                created,
+                entries,
+                chain_entries_mark,
+            )
         if not linked:
             chain_start, chain_failed = None, False  # the chain (if any) ends here
 
@@ -473,12 +492,26 @@ def _apply_one(
     debit.debits_posted += parsed.amount
     credit.credits_posted += parsed.amount
     entries.append(
-        Entry(parsed.id, debit.id, Side.DEBIT, parsed.amount, parsed.currency, debit.posted,
-              parsed.code)  # fmt: skip
+        Entry(
+            parsed.id,
+            debit.id,
+            Side.DEBIT,
+            parsed.amount,
+            parsed.currency,
+            debit.posted,
+            parsed.code,
+        )
     )
     entries.append(
-        Entry(parsed.id, credit.id, Side.CREDIT, parsed.amount, parsed.currency, credit.posted,
-              parsed.code)  # fmt: skip
+        Entry(
+            parsed.id,
+            credit.id,
+            Side.CREDIT,
+            parsed.amount,
+            parsed.currency,
+            credit.posted,
+            parsed.code,
+        )
     )
     created[parsed.id] = parsed
     return TransferCode.OK, parsed

@@ -102,9 +102,7 @@ async def create_transfers(
     raise AssertionError("unreachable")
 
 
-async def lookup_accounts(
-    pool: asyncpg.Pool, ids: Sequence[str]
-) -> list[asyncpg.Record]:
+async def lookup_accounts(pool: asyncpg.Pool, ids: Sequence[str]) -> list[asyncpg.Record]:
     parsed = [_uuid_or_none(i) for i in ids]
     async with pool.acquire() as conn:
         rows = await store.fetch_accounts(conn, [p for p in parsed if p is not None])

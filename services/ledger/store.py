@@ -8,6 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
+from services.common.db import DbConn
 from services.ledger.domain import (
     AccountState,
     BatchResult,
@@ -67,9 +68,7 @@ def transfer_from_row(row: asyncpg.Record) -> Transfer:
     )
 
 
-async def insert_accounts(
-    conn: asyncpg.Connection, accounts: Sequence[NewAccount]
-) -> set[uuid.UUID]:
+async def insert_accounts(conn: DbConn, accounts: Sequence[NewAccount]) -> set[uuid.UUID]:
     """Inserts the accounts that do not exist yet and returns their ids (ids
     already taken are left alone; the caller compares them)."""
     rows = await conn.fetch(
@@ -91,7 +90,7 @@ async def insert_accounts(
     return {row["id"] for row in rows}
 
 
-async def fetch_accounts(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+async def fetch_accounts(conn: DbConn, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
             f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::uuid[])", list(ids)
@@ -99,9 +98,7 @@ async def fetch_accounts(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> 
     )
 
 
-async def lock_accounts(
-    conn: asyncpg.Connection, ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, AccountState]:
+async def lock_accounts(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, AccountState]:
     """Locks the accounts in id order (so that batches never deadlock) and
     returns their states."""
     rows = await conn.fetch(
@@ -111,16 +108,14 @@ async def lock_accounts(
     return {row["id"]: account_state(row) for row in rows}
 
 
-async def fetch_transfers(
-    conn: asyncpg.Connection, ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, Transfer]:
+async def fetch_transfers(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Transfer]:
     rows = await conn.fetch(
         f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1::uuid[])", list(ids)
     )
     return {row["id"]: transfer_from_row(row) for row in rows}
 
 
-async def write_batch(conn: asyncpg.Connection, batch: BatchResult) -> None:
+async def write_batch(conn: DbConn, batch: BatchResult) -> None:
     """Writes what a batch changed: transfers, entries and balances, each
     with one statement."""
     transfers = batch.new_transfers
@@ -174,7 +169,7 @@ async def write_batch(conn: asyncpg.Connection, batch: BatchResult) -> None:
 
 
 async def insert_entries(
-    conn: asyncpg.Connection, entries: Sequence[Entry], created_at: datetime | None
+    conn: DbConn, entries: Sequence[Entry], created_at: datetime | None
 ) -> None:
     await conn.execute(
         """
@@ -195,7 +190,7 @@ async def insert_entries(
     )
 
 
-async def ensure_entry_partitions(conn: asyncpg.Connection, months_ahead: int = 2) -> None:
+async def ensure_entry_partitions(conn: DbConn, months_ahead: int = 2) -> None:
     await conn.execute(
         "SELECT ensure_entries_partition(now() + make_interval(months => m))"
         " FROM generate_series(0, $1::int) AS m",
@@ -203,7 +198,7 @@ async def ensure_entry_partitions(conn: asyncpg.Connection, months_ahead: int = 
     )
 
 
-async def verify(conn: asyncpg.Connection) -> tuple[list[dict[str, object]], dict[str, int]]:
+async def verify(conn: DbConn) -> tuple[list[dict[str, object]], dict[str, int]]:
     """Checks the ledger's invariants in one snapshot; returns discrepancies
     and counts."""
     discrepancies: list[dict[str, object]] = []
@@ -217,16 +212,24 @@ async def verify(conn: asyncpg.Connection) -> tuple[list[dict[str, object]], dic
         ):
             if row["d"] != row["c"]:
                 discrepancies.append(
-                    {"kind": "CURRENCY_UNBALANCED", "currency": row["currency"],
-                     "expected": int(row["d"]), "actual": int(row["c"]),
-                     "detail": "posted debits and credits differ"}
-                )  # fmt: skip
+                    {
+                        "kind": "CURRENCY_UNBALANCED",
+                        "currency": row["currency"],
+                        "expected": int(row["d"]),
+                        "actual": int(row["c"]),
+                        "detail": "posted debits and credits differ",
+                    }
+                )
             if row["dp"] != row["cp"]:
                 discrepancies.append(
-                    {"kind": "CURRENCY_UNBALANCED_PENDING", "currency": row["currency"],
-                     "expected": int(row["dp"]), "actual": int(row["cp"]),
-                     "detail": "pending debits and credits differ"}
-                )  # fmt: skip
+                    {
+                        "kind": "CURRENCY_UNBALANCED_PENDING",
+                        "currency": row["currency"],
+                        "expected": int(row["dp"]),
+                        "actual": int(row["cp"]),
+                        "detail": "pending debits and credits differ",
+                    }
+                )
         for row in await conn.fetch(
             """
             WITH sums AS (
@@ -242,12 +245,15 @@ async def verify(conn: asyncpg.Connection) -> tuple[list[dict[str, object]], dic
             """
         ):
             discrepancies.append(
-                {"kind": "BALANCE_MISMATCH", "account_id": str(row["id"]),
-                 "currency": row["currency"],
-                 "expected": int(row["d"]) - int(row["c"]),
-                 "actual": row["debits_posted"] - row["credits_posted"],
-                 "detail": "stored posted balance differs from the sum of entries"}
-            )  # fmt: skip
+                {
+                    "kind": "BALANCE_MISMATCH",
+                    "account_id": str(row["id"]),
+                    "currency": row["currency"],
+                    "expected": int(row["d"]) - int(row["c"]),
+                    "actual": row["debits_posted"] - row["credits_posted"],
+                    "detail": "stored posted balance differs from the sum of entries",
+                }
+            )
         for row in await conn.fetch(
             """
             WITH holds AS (
@@ -265,12 +271,15 @@ async def verify(conn: asyncpg.Connection) -> tuple[list[dict[str, object]], dic
             """
         ):
             discrepancies.append(
-                {"kind": "PENDING_MISMATCH", "account_id": str(row["id"]),
-                 "currency": row["currency"],
-                 "expected": int(row["d"]) - int(row["c"]),
-                 "actual": row["debits_pending"] - row["credits_pending"],
-                 "detail": "stored pending balance differs from the open holds"}
-            )  # fmt: skip
+                {
+                    "kind": "PENDING_MISMATCH",
+                    "account_id": str(row["id"]),
+                    "currency": row["currency"],
+                    "expected": int(row["d"]) - int(row["c"]),
+                    "actual": row["debits_pending"] - row["credits_pending"],
+                    "detail": "stored pending balance differs from the open holds",
+                }
+            )
         for row in await conn.fetch(
             """
             SELECT id, currency, debits_posted + debits_pending AS d,
@@ -280,10 +289,15 @@ async def verify(conn: asyncpg.Connection) -> tuple[list[dict[str, object]], dic
             """
         ):
             discrepancies.append(
-                {"kind": "OVERDRAWN", "account_id": str(row["id"]), "currency": row["currency"],
-                 "expected": row["c"], "actual": row["d"],
-                 "detail": "debits exceed credits on a no_overdraft account"}
-            )  # fmt: skip
+                {
+                    "kind": "OVERDRAWN",
+                    "account_id": str(row["id"]),
+                    "currency": row["currency"],
+                    "expected": row["c"],
+                    "actual": row["d"],
+                    "detail": "debits exceed credits on a no_overdraft account",
+                }
+            )
         counts = {
             "accounts": await conn.fetchval("SELECT count(*) FROM accounts"),
             "transfers": await conn.fetchval("SELECT count(*) FROM transfers"),

@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from moneta.wallet.v1 import wallet_pb2_grpc
-
 from services.common.db import create_pool, pool_check
 from services.common.runner import run_service
 from services.common.server import GrpcService
@@ -24,16 +23,21 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
         settings.database_url("wallet"), settings.db_pool_min, settings.db_pool_max
     )
     peers = Peers(
-        settings.ledger_addr, settings.budget_addr, settings.fraud_addr,
+        settings.ledger_addr,
+        settings.budget_addr,
+        settings.fraud_addr,
         settings.peer_timeout_seconds,
-    )  # fmt: skip
+    )
     try:
-        api = WalletApi(pool, peers)
+        # Contract methods not implemented yet answer UNIMPLEMENTED.
+        api = WalletApi(pool, peers)  # type: ignore[abstract]
         yield GrpcService(
             name="wallet",
             host=settings.grpc_host,
             port=settings.wallet_port,
-            register=lambda server: wallet_pb2_grpc.add_WalletServiceServicer_to_server(api, server),
+            register=lambda server: wallet_pb2_grpc.add_WalletServiceServicer_to_server(
+                api, server
+            ),
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.wallet_metrics_port,

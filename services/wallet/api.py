@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncpg
 import grpc
+
 from moneta.common.v1.money_pb2 import Money
 from moneta.wallet.v1 import wallet_pb2 as pb
 from moneta.wallet.v1 import wallet_pb2_grpc
-
 from services.common.grpc_util import timestamp
 from services.wallet import handlers
 from services.wallet.peers import Peers
@@ -77,7 +77,9 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
     async def GetUser(
         self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetUserResponse:
-        return pb.GetUserResponse(user=user_to_pb(await handlers.get_user(self._pool, request.user_id)))
+        return pb.GetUserResponse(
+            user=user_to_pb(await handlers.get_user(self._pool, request.user_id))
+        )
 
     async def CreateWallet(
         self, request: pb.CreateWalletRequest, context: grpc.aio.ServicerContext

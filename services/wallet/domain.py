@@ -85,7 +85,9 @@ class UserFields:
         if not _EMAIL_RE.match(email):
             raise InvalidArgument("email is not a valid address", reason="INVALID_EMAIL")
         if phone and not _PHONE_RE.match(phone):
-            raise InvalidArgument("phone must be in E.164 form (+15551234567)", reason="INVALID_PHONE")
+            raise InvalidArgument(
+                "phone must be in E.164 form (+15551234567)", reason="INVALID_PHONE"
+            )
         if username and not _USERNAME_RE.match(username):
             raise InvalidArgument(
                 "username must be 3 to 32 letters, digits, '_' or '.'", reason="INVALID_USERNAME"
@@ -106,4 +108,6 @@ def ensure_can_send(status: WalletStatus) -> None:
 def ensure_can_receive(status: WalletStatus) -> None:
     """Money may still arrive in a frozen wallet, never in a closed one."""
     if status == WalletStatus.CLOSED:
-        raise FailedPrecondition("the recipient's wallet is closed", reason="RECIPIENT_WALLET_CLOSED")
+        raise FailedPrecondition(
+            "the recipient's wallet is closed", reason="RECIPIENT_WALLET_CLOSED"
+        )

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import asyncpg
 import structlog
+
+from moneta.common.v1.money_pb2 import Money
 from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2
-from moneta.common.v1.money_pb2 import Money
-
+from services.common.db import DbConn
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -73,7 +74,9 @@ async def create_user(pool: asyncpg.Pool, cmd: CreateUserCommand) -> asyncpg.Rec
     try:
         role = Role(cmd.role or Role.USER)
     except ValueError:
-        raise InvalidArgument("role must be USER, MANAGER or ADMIN", reason="INVALID_ROLE") from None
+        raise InvalidArgument(
+            "role must be USER, MANAGER or ADMIN", reason="INVALID_ROLE"
+        ) from None
     currency = validate_currency(cmd.default_currency or "USD")
     async with pool.acquire() as conn, conn.transaction():
         await store.insert_user(
@@ -89,11 +92,24 @@ async def create_user(pool: asyncpg.Pool, cmd: CreateUserCommand) -> asyncpg.Rec
         )
         row = await store.fetch_user(conn, user_id)
     assert row is not None
-    wanted = (fields.email, fields.phone, fields.username, fields.full_name, company_id, role, currency)
+    wanted = (
+        fields.email,
+        fields.phone,
+        fields.username,
+        fields.full_name,
+        company_id,
+        role,
+        currency,
+    )
     stored = (
-        row["email"], row["phone"], row["username"], row["full_name"], row["company_id"],
-        row["role"], row["default_currency"],
-    )  # fmt: skip
+        row["email"],
+        row["phone"],
+        row["username"],
+        row["full_name"],
+        row["company_id"],
+        row["role"],
+        row["default_currency"],
+    )
     if wanted != stored:
         raise AlreadyExists("a different user has this id", reason="USER_EXISTS")
     return row
@@ -132,7 +148,10 @@ async def create_wallet(
     async with pool.acquire() as conn:
         existing = await store.fetch_wallet(conn, user_id=user["user_id"])
     if existing is not None:
-        if (existing["default_currency"], existing["initial_balance"]) != (currency, initial_balance):
+        if (existing["default_currency"], existing["initial_balance"]) != (
+            currency,
+            initial_balance,
+        ):
             raise AlreadyExists("the user has a wallet already", reason="WALLET_EXISTS")
         return await get_wallet(pool, peers, wallet_id=str(wallet_id))
 
@@ -200,7 +219,9 @@ async def get_wallet(
             raise NotFound("no such wallet", reason="WALLET_NOT_FOUND")
         accounts = await store.wallet_accounts(conn, wallet["wallet_id"])
     by_account = await peers.balances(list(accounts.values()))
-    balances = {cur: by_account[str(acc)] for cur, acc in accounts.items() if str(acc) in by_account}
+    balances = {
+        cur: by_account[str(acc)] for cur, acc in accounts.items() if str(acc) in by_account
+    }
     return WalletView(wallet=wallet, balances=balances)
 
 
@@ -234,7 +255,7 @@ class TransactionDeclined(FailedPrecondition):
     default_reason = "TRANSACTION_DECLINED"
 
 
-async def _resolve_recipient(conn: asyncpg.Connection, by: str, value: str) -> asyncpg.Record:
+async def _resolve_recipient(conn: DbConn, by: str, value: str) -> asyncpg.Record:
     if by == "user_id":
         row = await store.fetch_user(conn, parse_uuid(value, "recipient.user_id"))
     elif by in ("email", "phone", "username") and value:
@@ -266,9 +287,12 @@ async def transfer(pool: asyncpg.Pool, peers: Peers, cmd: TransferCommand) -> Tr
             raise NotFound("no such recipient", reason="RECIPIENT_NOT_FOUND")
         pid = payment_id(sender_id, key)
         fingerprint = request_hash(
-            recipient=recipient["user_id"], amount=cmd.amount, currency=currency,
-            note=cmd.note, category=cmd.category,
-        )  # fmt: skip
+            recipient=recipient["user_id"],
+            amount=cmd.amount,
+            currency=currency,
+            note=cmd.note,
+            category=cmd.category,
+        )
         payment = await store.claim_payment(
             conn,
             payment_id=pid,
@@ -319,9 +343,10 @@ async def _run_transfer(
     sender_account = sender_accounts.get(currency)
     if sender_account is None:
         raise FailedPrecondition(
-            f"the wallet holds no {currency}", reason="INSUFFICIENT_FUNDS",
+            f"the wallet holds no {currency}",
+            reason="INSUFFICIENT_FUNDS",
             details={"currency": currency, "available": 0},
-        )  # fmt: skip
+        )
 
     verdict = await peers.score(
         fraud_pb2.ScoreRequest(
@@ -341,7 +366,8 @@ async def _run_transfer(
         raise TransactionDeclined("the transaction was declined")
     if verdict.decision == fraud_pb2.DECISION_REVIEW:
         raise Unimplemented(
-            "step-up review of a flagged transfer is not supported yet", reason="REVIEW_NOT_SUPPORTED"
+            "step-up review of a flagged transfer is not supported yet",
+            reason="REVIEW_NOT_SUPPORTED",
         )
 
     reservation = await peers.reserve(

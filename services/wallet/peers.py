@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 import grpc
+
 from moneta.budget.v1 import budget_pb2, budget_pb2_grpc
 from moneta.common.v1.money_pb2 import Money
 from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from moneta.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-
 from services.common.errors import Internal, from_rpc_error
 from services.common.interceptors import peer_channel
 
@@ -49,10 +49,12 @@ class Peers:
         for result in response.results:
             if result.code not in (ledger_pb2.AccountResult.OK, ledger_pb2.AccountResult.EXISTS):
                 name = ledger_pb2.AccountResult.Code.Name(result.code)
-                raise Internal(f"ledger refused account {result.id}: {name}", reason="LEDGER_ACCOUNT_REFUSED")
+                raise Internal(
+                    f"ledger refused account {result.id}: {name}", reason="LEDGER_ACCOUNT_REFUSED"
+                )
 
     async def create_transfer(self, transfer: ledger_pb2.Transfer) -> ledger_pb2.TransferResult:
-        response = await _call(
+        response: ledger_pb2.CreateTransfersResponse = await _call(
             self.ledger.CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=[transfer]))
         )
         return response.results[0]
@@ -75,7 +77,7 @@ class Peers:
     async def reserve(
         self, user_id: uuid.UUID, amount: int, currency: str, category: str, reference: str
     ) -> budget_pb2.Reservation:
-        response = await _call(
+        response: budget_pb2.ReserveResponse = await _call(
             self.budget.Reserve(
                 budget_pb2.ReserveRequest(
                     user_id=str(user_id),

@@ -6,6 +6,7 @@ import uuid
 
 import asyncpg
 
+from services.common.db import DbConn
 from services.common.errors import AlreadyExists
 
 _USER_COLUMNS = (
@@ -27,10 +28,17 @@ _TAKEN_REASONS = {
 
 
 async def insert_user(
-    conn: asyncpg.Connection, *, user_id: uuid.UUID, email: str, phone: str | None,
-    username: str | None, full_name: str, company_id: uuid.UUID | None, role: int,
+    conn: DbConn,
+    *,
+    user_id: uuid.UUID,
+    email: str,
+    phone: str | None,
+    username: str | None,
+    full_name: str,
+    company_id: uuid.UUID | None,
+    role: int,
     default_currency: str,
-) -> bool:  # fmt: skip
+) -> bool:
     """Inserts the user; False when the id exists already. An email, phone or
     username that belongs to someone else is ALREADY_EXISTS with a reason."""
     try:
@@ -40,8 +48,15 @@ async def insert_user(
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
             ON CONFLICT (user_id) DO NOTHING
             """,
-            user_id, email, phone, username, full_name, company_id, role, default_currency,
-        )  # fmt: skip
+            user_id,
+            email,
+            phone,
+            username,
+            full_name,
+            company_id,
+            role,
+            default_currency,
+        )
     except asyncpg.UniqueViolationError as exc:
         reason = _TAKEN_REASONS.get(exc.constraint_name or "", "USER_EXISTS")
         field = reason.removesuffix("_TAKEN").lower()
@@ -49,11 +64,11 @@ async def insert_user(
     return bool(status.endswith(" 1"))
 
 
-async def fetch_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> asyncpg.Record | None:
+async def fetch_user(conn: DbConn, user_id: uuid.UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE user_id = $1", user_id)
 
 
-async def find_user(conn: asyncpg.Connection, *, by: str, value: str) -> asyncpg.Record | None:
+async def find_user(conn: DbConn, *, by: str, value: str) -> asyncpg.Record | None:
     """A user by email, phone or username (email and username ignore case)."""
     where = {
         "email": "lower(email) = lower($1)",
@@ -64,9 +79,14 @@ async def find_user(conn: asyncpg.Connection, *, by: str, value: str) -> asyncpg
 
 
 async def insert_wallet(
-    conn: asyncpg.Connection, *, wallet_id: uuid.UUID, user_id: uuid.UUID, currency: str,
-    initial_balance: int, ledger_account_id: uuid.UUID,
-) -> None:  # fmt: skip
+    conn: DbConn,
+    *,
+    wallet_id: uuid.UUID,
+    user_id: uuid.UUID,
+    currency: str,
+    initial_balance: int,
+    ledger_account_id: uuid.UUID,
+) -> None:
     await conn.execute(
         """
         INSERT INTO wallets (wallet_id, user_id, default_currency, initial_balance)
@@ -81,7 +101,7 @@ async def insert_wallet(
 
 
 async def insert_wallet_account(
-    conn: asyncpg.Connection, wallet_id: uuid.UUID, currency: str, ledger_account_id: uuid.UUID
+    conn: DbConn, wallet_id: uuid.UUID, currency: str, ledger_account_id: uuid.UUID
 ) -> None:
     await conn.execute(
         """
@@ -95,7 +115,10 @@ async def insert_wallet_account(
 
 
 async def fetch_wallet(
-    conn: asyncpg.Connection, *, wallet_id: uuid.UUID | None = None, user_id: uuid.UUID | None = None
+    conn: DbConn,
+    *,
+    wallet_id: uuid.UUID | None = None,
+    user_id: uuid.UUID | None = None,
 ) -> asyncpg.Record | None:
     if wallet_id is not None:
         return await conn.fetchrow(
@@ -104,7 +127,7 @@ async def fetch_wallet(
     return await conn.fetchrow(f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE user_id = $1", user_id)
 
 
-async def wallet_accounts(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> dict[str, uuid.UUID]:
+async def wallet_accounts(conn: DbConn, wallet_id: uuid.UUID) -> dict[str, uuid.UUID]:
     rows = await conn.fetch(
         "SELECT currency, ledger_account_id FROM wallet_accounts WHERE wallet_id = $1"
         " ORDER BY created_at, currency",
@@ -114,10 +137,18 @@ async def wallet_accounts(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> dic
 
 
 async def claim_payment(
-    conn: asyncpg.Connection, *, payment_id: uuid.UUID, kind: str, sender_user_id: uuid.UUID,
-    idempotency_key: str, request_hash: str, recipient_user_id: uuid.UUID | None, amount: int,
-    currency: str, note: str,
-) -> asyncpg.Record:  # fmt: skip
+    conn: DbConn,
+    *,
+    payment_id: uuid.UUID,
+    kind: str,
+    sender_user_id: uuid.UUID,
+    idempotency_key: str,
+    request_hash: str,
+    recipient_user_id: uuid.UUID | None,
+    amount: int,
+    currency: str,
+    note: str,
+) -> asyncpg.Record:
     """Records the payment as PROCESSING, or returns the one recorded under
     the same idempotency key."""
     await conn.execute(
@@ -127,9 +158,16 @@ async def claim_payment(
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING')
         ON CONFLICT DO NOTHING
         """,
-        payment_id, kind, sender_user_id, idempotency_key, request_hash, recipient_user_id,
-        amount, currency, note,
-    )  # fmt: skip
+        payment_id,
+        kind,
+        sender_user_id,
+        idempotency_key,
+        request_hash,
+        recipient_user_id,
+        amount,
+        currency,
+        note,
+    )
     row = await conn.fetchrow(
         f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE sender_user_id = $1 AND idempotency_key = $2",
         sender_user_id,
@@ -139,9 +177,7 @@ async def claim_payment(
     return row
 
 
-async def set_payment_reservation(
-    conn: asyncpg.Connection, payment_id: uuid.UUID, reservation_id: str
-) -> None:
+async def set_payment_reservation(conn: DbConn, payment_id: uuid.UUID, reservation_id: str) -> None:
     await conn.execute(
         "UPDATE payments SET reservation_id = $2, updated_at = now() WHERE payment_id = $1",
         payment_id,
@@ -149,9 +185,7 @@ async def set_payment_reservation(
     )
 
 
-async def complete_payment(
-    conn: asyncpg.Connection, payment_id: uuid.UUID, sender_balance: int
-) -> None:
+async def complete_payment(conn: DbConn, payment_id: uuid.UUID, sender_balance: int) -> None:
     await conn.execute(
         """
         UPDATE payments SET status = 'COMPLETED', sender_balance = $2, updated_at = now()
@@ -162,9 +196,7 @@ async def complete_payment(
     )
 
 
-async def fail_payment(
-    conn: asyncpg.Connection, payment_id: uuid.UUID, reason: str, message: str
-) -> None:
+async def fail_payment(conn: DbConn, payment_id: uuid.UUID, reason: str, message: str) -> None:
     await conn.execute(
         """
         UPDATE payments SET status = 'FAILED', failure_reason = $2, failure_message = $3,

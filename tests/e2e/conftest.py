@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 
+from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.gateway.auth import TokenVerifier
 from tests.conftest import ROOT, TestRun
 
@@ -57,7 +57,9 @@ def _wait_ready(mesh: Mesh) -> None:
     while time.monotonic() < deadline:
         for name, proc in mesh.processes.items():
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{mesh.logs[name].read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{name} exited with {proc.returncode}:\n{mesh.logs[name].read_text()[-3000:]}"
+                )
         try:
             response = httpx.get(f"{mesh.gateway_url}/ready", timeout=2.0)
             if response.status_code == 200:

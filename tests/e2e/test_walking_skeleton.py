@@ -4,8 +4,8 @@ the wallet, fraud, budget and the ledger, all real processes."""
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import grpc
 import httpx
@@ -14,10 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+
 from moneta.budget.v1 import budget_pb2, budget_pb2_grpc
 from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from moneta.wallet.v1 import wallet_pb2_grpc
-
 from tests.e2e.conftest import GRPC_SERVICES, Mesh, Person, create_person
 
 SERVICE_NAMES = {
@@ -275,6 +275,8 @@ def test_grpc_service_lists_its_services_through_reflection(mesh: Mesh, service:
 async def test_unimplemented_rpc_answers_unimplemented_not_internal(mesh: Mesh) -> None:
     async with grpc.aio.insecure_channel(mesh.grpc_addrs["fraud"]) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await fraud_pb2_grpc.FraudServiceStub(channel).ListReviews(fraud_pb2.ListReviewsRequest())
+            await fraud_pb2_grpc.FraudServiceStub(channel).ListReviews(
+                fraud_pb2.ListReviewsRequest()
+            )
 
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
