@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class TestRun:
     """Names that belong to this test run only."""
 
+    __test__ = False  # not a test class, whatever its name
+
     run_id: str
     db_prefix: str
     redis_prefix: str
