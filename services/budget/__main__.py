@@ -12,7 +12,7 @@ from services.budget.api import SERVICE_NAME, BudgetApi
 from services.budget.config import BudgetSettings
 from services.common.db import create_pool, pool_check
 from services.common.runner import run_service
-from services.common.server import GrpcService
+from services.common.server import GrpcService, configured_service
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -29,9 +29,9 @@ async def start(settings: BudgetSettings) -> AsyncIterator[GrpcService]:
         async def sweep() -> None:
             await handlers.sweep_expired_reservations(pool, settings.reservation_sweep_seconds)
 
-        yield GrpcService(
+        yield configured_service(
+            settings,
             name="budget",
-            host=settings.grpc_host,
             port=settings.budget_port,
             register=lambda server: budget_pb2_grpc.add_BudgetServiceServicer_to_server(
                 api, server
@@ -39,9 +39,6 @@ async def start(settings: BudgetSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.budget_metrics_port,
-            metrics_host=settings.metrics_host,
-            grace_seconds=settings.shutdown_grace_seconds,
-            readiness_interval_seconds=settings.readiness_interval_seconds,
             background=[sweep],
         )
     finally:

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge, start_http_server
 
+from services.common.config import CommonSettings
 from services.common.interceptors import ServerInterceptor
 
 log = structlog.get_logger("moneta.server")
@@ -56,6 +57,34 @@ class GrpcService:
     readiness_interval_seconds: float = 2.0
     # Long-running tasks (relays, consumers, sweepers), cancelled on stop.
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
+
+
+def configured_service(
+    settings: CommonSettings,
+    *,
+    name: str,
+    port: int,
+    metrics_port: int,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    dependencies: dict[str, DependencyCheck],
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+) -> GrpcService:
+    """A service with the runner's settings (bind host, drain, readiness
+    interval) taken from the common settings."""
+    return GrpcService(
+        name=name,
+        port=port,
+        host=settings.grpc_host,
+        register=register,
+        service_names=service_names,
+        dependencies=dependencies,
+        metrics_port=metrics_port,
+        metrics_host=settings.metrics_host,
+        grace_seconds=settings.shutdown_grace_seconds,
+        readiness_interval_seconds=settings.readiness_interval_seconds,
+        background=background,
+    )
 
 
 async def check_dependencies(checks: dict[str, DependencyCheck]) -> dict[str, str | None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from moneta.fraud.v1 import fraud_pb2_grpc
 from services.common.db import create_pool, pool_check
 from services.common.runner import run_service
-from services.common.server import GrpcService
+from services.common.server import GrpcService, configured_service
 from services.fraud.api import SERVICE_NAME, FraudApi
 from services.fraud.config import FraudSettings
 
@@ -24,17 +24,14 @@ async def start(settings: FraudSettings) -> AsyncIterator[GrpcService]:
     try:
         # Contract methods not implemented yet answer UNIMPLEMENTED.
         api = FraudApi(pool)  # type: ignore[abstract]
-        yield GrpcService(
+        yield configured_service(
+            settings,
             name="fraud",
-            host=settings.grpc_host,
             port=settings.fraud_port,
             register=lambda server: fraud_pb2_grpc.add_FraudServiceServicer_to_server(api, server),
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.fraud_metrics_port,
-            metrics_host=settings.metrics_host,
-            grace_seconds=settings.shutdown_grace_seconds,
-            readiness_interval_seconds=settings.readiness_interval_seconds,
         )
     finally:
         await pool.close()

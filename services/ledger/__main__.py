@@ -9,7 +9,7 @@ from pathlib import Path
 from moneta.ledger.v1 import ledger_pb2_grpc
 from services.common.db import create_pool, pool_check
 from services.common.runner import run_service
-from services.common.server import GrpcService
+from services.common.server import GrpcService, configured_service
 from services.ledger import store
 from services.ledger.api import SERVICE_NAME, LedgerApi
 from services.ledger.config import LedgerSettings
@@ -27,9 +27,9 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
             await store.ensure_entry_partitions(conn)
         # Contract methods not implemented yet answer UNIMPLEMENTED.
         api = LedgerApi(pool)  # type: ignore[abstract]
-        yield GrpcService(
+        yield configured_service(
+            settings,
             name="ledger",
-            host=settings.grpc_host,
             port=settings.ledger_port,
             register=lambda server: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
                 api, server
@@ -37,9 +37,6 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.ledger_metrics_port,
-            metrics_host=settings.metrics_host,
-            grace_seconds=settings.shutdown_grace_seconds,
-            readiness_interval_seconds=settings.readiness_interval_seconds,
         )
     finally:
         await pool.close()

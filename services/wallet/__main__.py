@@ -9,7 +9,7 @@ from pathlib import Path
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.db import create_pool, pool_check
 from services.common.runner import run_service
-from services.common.server import GrpcService
+from services.common.server import GrpcService, configured_service
 from services.wallet.api import SERVICE_NAME, WalletApi
 from services.wallet.config import WalletSettings
 from services.wallet.peers import Peers
@@ -31,9 +31,9 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
     try:
         # Contract methods not implemented yet answer UNIMPLEMENTED.
         api = WalletApi(pool, peers)  # type: ignore[abstract]
-        yield GrpcService(
+        yield configured_service(
+            settings,
             name="wallet",
-            host=settings.grpc_host,
             port=settings.wallet_port,
             register=lambda server: wallet_pb2_grpc.add_WalletServiceServicer_to_server(
                 api, server
@@ -41,9 +41,6 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.wallet_metrics_port,
-            metrics_host=settings.metrics_host,
-            grace_seconds=settings.shutdown_grace_seconds,
-            readiness_interval_seconds=settings.readiness_interval_seconds,
         )
     finally:
         await peers.close()
