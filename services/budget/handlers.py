@@ -69,8 +69,8 @@ async def reserve(pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int) -> 
     if not cmd.reference or len(cmd.reference) > 200:
         raise InvalidArgument("reference must be 1 to 200 characters", reason="INVALID_REFERENCE")
     ttl = cmd.ttl_seconds or default_ttl
-    if ttl > MAX_TTL_SECONDS:
-        raise InvalidArgument("ttl is at most 24 hours", reason="INVALID_TTL")
+    if not 0 < ttl <= MAX_TTL_SECONDS:
+        raise InvalidArgument("ttl must be 1 second to 24 hours", reason="INVALID_TTL")
 
     for attempt in (1, 2):
         try:
@@ -80,6 +80,12 @@ async def reserve(pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int) -> 
                     return _same_reservation(prior, user_id, cmd)
                 now = datetime.now(UTC)
                 budgets = await store.lock_applicable_budgets(conn, user_id, cmd.category, now)
+                # A concurrent call with the same reference may have reserved
+                # while this one waited for the budget locks: answer with its
+                # reservation rather than charge the budget twice.
+                prior = await store.fetch_reservation(conn, reference=cmd.reference)
+                if prior is not None:
+                    return _same_reservation(prior, user_id, cmd)
                 lines = charge(budgets, cmd.amount, cmd.currency)
                 reservation_id = uuid.uuid4()
                 await store.insert_reservation(

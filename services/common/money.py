@@ -110,6 +110,8 @@ def to_minor_units(amount: str | int | Decimal, currency: str) -> int:
             raise InvalidArgument("not a decimal amount", reason="INVALID_AMOUNT") from exc
     else:
         value = Decimal(amount)
+    if not value.is_finite():
+        raise InvalidArgument("amount must be a finite number", reason="INVALID_AMOUNT")
     scaled = value.scaleb(exp)
     if scaled != scaled.to_integral_value():
         raise InvalidArgument(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import asyncpg
 
-from services.common.errors import InvalidArgument
+from services.common.errors import AlreadyExists, InvalidArgument
 from services.common.ids import parse_uuid
 from services.common.money import require_positive, validate_currency
 from services.fraud.domain import Decision, ListKind, Reason, Subject, Verdict, decide
@@ -33,7 +34,10 @@ def _validate(cmd: ScoreCommand) -> None:
     parse_uuid(cmd.user_id, "user_id")
     require_positive(cmd.amount)
     validate_currency(cmd.currency)
-    if cmd.has_location and not (-90 <= cmd.latitude <= 90 and -180 <= cmd.longitude <= 180):
+    finite = math.isfinite(cmd.latitude) and math.isfinite(cmd.longitude)
+    if not finite or (
+        cmd.has_location and not (-90 <= cmd.latitude <= 90 and -180 <= cmd.longitude <= 180)
+    ):
         raise InvalidArgument("coordinates are out of range", reason="INVALID_COORDINATES")
     if cmd.country and not (
         len(cmd.country) == 2 and cmd.country.isalpha() and cmd.country.isupper()
@@ -52,10 +56,20 @@ async def score(pool: asyncpg.Pool, cmd: ScoreCommand) -> Verdict:
     }
     async with pool.acquire() as conn, conn.transaction():
         prior = await conn.fetchrow(
-            "SELECT score, decision, reasons, model_version FROM decisions WHERE transaction_id = $1",
+            "SELECT user_id, amount, currency, score, decision, reasons, model_version"
+            " FROM decisions WHERE transaction_id = $1",
             parse_uuid(cmd.transaction_id, "transaction_id"),
         )
         if prior is not None:
+            if (prior["user_id"], prior["amount"], prior["currency"]) != (
+                parse_uuid(cmd.user_id, "user_id"),
+                cmd.amount,
+                cmd.currency,
+            ):
+                raise AlreadyExists(
+                    "this transaction id was scored with other values",
+                    reason="TRANSACTION_ID_REUSED",
+                )
             return Verdict(
                 score=prior["score"],
                 decision=Decision(prior["decision"]),

@@ -46,7 +46,8 @@ class TokenVerifier:
         except jwt.InvalidTokenError:
             raise Unauthenticated("the token is not valid", reason="TOKEN_INVALID") from None
         role = claims.get("role", "user")
-        if role not in ROLES or not isinstance(claims.get("sub"), str):
+        subject = claims.get("sub")
+        if role not in ROLES or not isinstance(subject, str) or not subject.strip():
             raise Unauthenticated("the token's claims are not valid", reason="TOKEN_INVALID")
         return Principal(
             user_id=claims["sub"], role=role, company_id=str(claims.get("company_id") or "")

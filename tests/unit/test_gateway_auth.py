@@ -17,7 +17,7 @@ from services.common.errors import Unauthenticated
 from services.gateway.auth import Principal, TokenVerifier
 
 # 64 bytes: long enough for HS512 too, so that forging with it draws no key warning.
-SECRET = "test-only-secret-long-enough-for-hs256-and-for-hs512-0123456789"
+SECRET = "test-only-secret-long-enough-for-hs256-and-for-hs512-01234567890"
 OTHER_SECRET = "another-secret-that-is-also-long-enough-for-hs256"
 ISSUER = "moneta"
 AUDIENCE = "moneta-api"
@@ -161,6 +161,10 @@ def test_token_without_sub_is_invalid(verifier: TokenVerifier) -> None:
 
 def test_token_without_exp_is_invalid(verifier: TokenVerifier) -> None:
     assert refusal(verifier, signed(exp=None)) == "TOKEN_INVALID"
+
+
+def test_token_with_an_empty_sub_is_invalid(verifier: TokenVerifier) -> None:
+    assert refusal(verifier, signed(sub="")) == "TOKEN_INVALID"
 
 
 def test_token_with_a_non_string_sub_is_invalid(verifier: TokenVerifier) -> None:
