@@ -8,11 +8,12 @@ refused, never rounded.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 
 from services.common.errors import InvalidArgument
 
 INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
 
 # Minor-unit exponents. ISO 4217 active codes that Moneta supports, plus BTC.
 CURRENCY_EXPONENTS: dict[str, int] = {
@@ -112,15 +113,20 @@ def to_minor_units(amount: str | int | Decimal, currency: str) -> int:
         value = Decimal(amount)
     if not value.is_finite():
         raise InvalidArgument("amount must be a finite number", reason="INVALID_AMOUNT")
-    scaled = value.scaleb(exp)
-    if scaled != scaled.to_integral_value():
+    # Enough precision for every digit: the default 28 would round a long
+    # amount silently instead of refusing it.
+    with localcontext() as ctx:
+        ctx.prec = len(value.as_tuple().digits) + exp + 2
+        scaled = value.scaleb(exp)
+        whole = scaled.to_integral_value()
+    if scaled != whole:
         raise InvalidArgument(
             f"{currency} has {exp} decimal places; {value} has more",
             reason="AMOUNT_PRECISION",
             details={"currency": currency, "decimals": exp},
         )
-    minor = int(scaled)
-    if abs(minor) > INT64_MAX:
+    minor = int(whole)
+    if not INT64_MIN <= minor <= INT64_MAX:
         raise InvalidArgument("amount is out of range", reason="AMOUNT_OUT_OF_RANGE")
     return minor
 

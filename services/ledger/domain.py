@@ -133,6 +133,8 @@ def validate_account(spec: AccountSpec) -> NewAccount | AccountCode:
         account_id = uuid.UUID(spec.id)
     except ValueError:
         return AccountCode.INVALID_ID
+    if account_id.int == 0:
+        return AccountCode.INVALID_ID
     if spec.currency not in CURRENCY_EXPONENTS:
         return AccountCode.INVALID_CURRENCY
     try:

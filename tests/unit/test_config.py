@@ -52,7 +52,7 @@ def test_environment_variable_overrides_a_default(monkeypatch: pytest.MonkeyPatc
 def test_settings_are_frozen() -> None:
     settings = CommonSettings()
     with pytest.raises(ValueError, match="frozen"):
-        settings.db_prefix = "other_"  # type: ignore[misc]
+        settings.db_prefix = "other_"
 
 
 def test_database_url_names_the_service_database() -> None:
@@ -69,7 +69,9 @@ def test_database_url_honours_the_db_prefix(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_database_url_keeps_credentials_host_and_query(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MONETA_POSTGRES_URL", "postgres://app:pw@db.internal:6543/main?sslmode=require")
+    monkeypatch.setenv(
+        "MONETA_POSTGRES_URL", "postgres://app:pw@db.internal:6543/main?sslmode=require"
+    )
     assert CommonSettings().database_url("ledger") == (
         "postgres://app:pw@db.internal:6543/moneta_ledger?sslmode=require"
     )
