@@ -11,7 +11,9 @@ import sys
 
 
 def main() -> int:
-    sys.stderr.write("no benchmarks yet: they land with the ledger, budget, fraud and gateway work\n")
+    sys.stderr.write(
+        "no benchmarks yet: they land with the ledger, budget, fraud and gateway work\n"
+    )
     return 1
 
 
