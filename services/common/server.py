@@ -139,7 +139,7 @@ async def serve(service: GrpcService, stop: asyncio.Event | None = None) -> None
     log.info("started", port=bound, metrics_port=service.metrics_port)
 
     readiness = asyncio.create_task(_watch_readiness(service, health_servicer, stop))
-    workers = [asyncio.create_task(run()) for run in service.background]
+    workers = [asyncio.create_task(_supervised(run)) for run in service.background]
 
     await stop.wait()
     log.info("draining", grace_seconds=service.grace_seconds)
@@ -152,6 +152,22 @@ async def serve(service: GrpcService, stop: asyncio.Event | None = None) -> None
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
     log.info("stopped")
+
+
+async def _supervised(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Keeps a background task going: a crash is logged and the task
+    restarted, so that one bad moment never silently stops a relay or the
+    ledger's writer."""
+    name = getattr(run, "__qualname__", repr(run))
+    while True:
+        try:
+            await run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background_task_crashed", task=name)
+            await asyncio.sleep(1.0)
 
 
 async def _watch_readiness(

@@ -10,9 +10,11 @@ from moneta.ledger.v1 import ledger_pb2_grpc
 from services.common.db import create_pool, pool_check
 from services.common.runner import run_service
 from services.common.server import GrpcService, configured_service
+from services.ledger import engine as engine_module
 from services.ledger import store
 from services.ledger.api import SERVICE_NAME, LedgerApi
 from services.ledger.config import LedgerSettings
+from services.ledger.engine import TransferEngine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -25,8 +27,12 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
     try:
         async with pool.acquire() as conn:
             await store.ensure_entry_partitions(conn)
-        # Contract methods not implemented yet answer UNIMPLEMENTED.
-        api = LedgerApi(pool)  # type: ignore[abstract]
+        engine = TransferEngine(pool)
+        api = LedgerApi(pool, engine)
+
+        async def sweep() -> None:
+            await engine_module.sweep_expired_holds(pool, engine)
+
         yield configured_service(
             settings,
             name="ledger",
@@ -37,6 +43,7 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.ledger_metrics_port,
+            background=[engine.run, sweep],
         )
     finally:
         await pool.close()

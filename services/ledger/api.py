@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 import asyncpg
 import grpc
 
 from moneta.ledger.v1 import ledger_pb2 as pb
 from moneta.ledger.v1 import ledger_pb2_grpc
-from services.common.errors import Unimplemented
 from services.common.grpc_util import timestamp
 from services.ledger import handlers
 from services.ledger.domain import (
@@ -21,6 +20,7 @@ from services.ledger.domain import (
     TransferOutcome,
     TransferSpec,
 )
+from services.ledger.engine import TransferEngine
 from services.ledger.store import account_state
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
@@ -108,9 +108,14 @@ def account_to_pb(row: asyncpg.Record) -> pb.Account:
     )
 
 
+def _time(request: Any, name: str) -> datetime | None:
+    return getattr(request, name).ToDatetime(tzinfo=UTC) if request.HasField(name) else None
+
+
 class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, engine: TransferEngine) -> None:
         self._pool = pool
+        self._engine = engine
 
     async def CreateAccounts(
         self, request: pb.CreateAccountsRequest, context: grpc.aio.ServicerContext
@@ -145,27 +150,76 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: pb.CreateTransfersRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateTransfersResponse:
         specs = [transfer_from_pb(t) for t in request.transfers]
-        unsupported = {
-            s.type
-            for s in specs
-            if s.type not in (pb.TRANSFER_TYPE_UNSPECIFIED, pb.TRANSFER_TYPE_POSTED)
-        }
-        if unsupported:
-            raise Unimplemented(
-                "only POSTED transfers are supported yet; holds, posts, voids and reversals "
-                "land with the ledger engine",
-                reason="TRANSFER_TYPE_NOT_SUPPORTED",
-            )
-        outcomes = await handlers.create_transfers(self._pool, specs)
+        handlers.check_batch_size(len(specs))
+        outcomes = await self._engine.submit(specs)
         return pb.CreateTransfersResponse(results=[outcome_to_pb(o) for o in outcomes])
 
     async def GetBalances(
         self, request: pb.GetBalancesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetBalancesResponse:
-        if request.HasField("as_of"):
-            raise Unimplemented("balances as of a past moment are not supported yet")
-        states, as_of = await handlers.get_balances(self._pool, list(request.account_ids))
-        return pb.GetBalancesResponse(balances=[balance_to_pb(s, as_of) for s in states])
+        as_of = request.as_of.ToDatetime(tzinfo=UTC) if request.HasField("as_of") else None
+        states, at = await handlers.get_balances(self._pool, list(request.account_ids), as_of)
+        return pb.GetBalancesResponse(balances=[balance_to_pb(s, at) for s in states])
+
+    async def LookupTransfers(
+        self, request: pb.LookupTransfersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LookupTransfersResponse:
+        found = await handlers.lookup_transfers(self._pool, list(request.ids))
+        return pb.LookupTransfersResponse(transfers=[transfer_to_pb(t) for t in found])
+
+    async def CloseAccount(
+        self, request: pb.CloseAccountRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseAccountResponse:
+        row = await handlers.close_account(self._pool, request.id, request.reason)
+        return pb.CloseAccountResponse(account=account_to_pb(row))
+
+    async def ListTransfers(
+        self, request: pb.ListTransfersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTransfersResponse:
+        query = handlers.TransferQuery(
+            account_id=request.account_id,
+            start=_time(request, "start_time"),
+            end=_time(request, "end_time"),
+            code=request.code or None,
+            min_amount=request.min_amount or None,
+            max_amount=request.max_amount or None,
+            status=request.status or None,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        page, token = await handlers.list_transfers(self._pool, query)
+        return pb.ListTransfersResponse(
+            transfers=[transfer_to_pb(t) for t in page], next_page_token=token
+        )
+
+    async def ListEntries(
+        self, request: pb.ListEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListEntriesResponse:
+        page, token = await handlers.list_entries(
+            self._pool,
+            request.account_id,
+            _time(request, "start_time"),
+            _time(request, "end_time"),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListEntriesResponse(
+            entries=[
+                pb.Entry(
+                    id=str(row["id"]),
+                    transfer_id=str(row["transfer_id"]),
+                    account_id=str(row["account_id"]),
+                    side=row["side"],
+                    amount=row["amount"],
+                    currency=row["currency"],
+                    balance_after=row["balance_after"],
+                    code=row["code"],
+                    created_at=timestamp(row["created_at"]),
+                )
+                for row in page
+            ],
+            next_page_token=token,
+        )
 
     async def VerifyLedger(
         self, request: pb.VerifyLedgerRequest, context: grpc.aio.ServicerContext

@@ -1,19 +1,29 @@
 """The ledger's rules: pure, no I/O.
 
-A batch of transfers is applied in arrival order against in-memory account
-states. Each transfer gets a result code; a linked chain succeeds or fails as
-a whole, its failed members' effects undone. What the batch changed (new
-transfers, entries, final balances) is collected for the store to write in one
-database transaction.
+A batch is one or more requests, applied in arrival order against in-memory
+account states (TigerBeetle's shape). Each transfer gets a result code; a
+linked chain succeeds or fails as a whole and never spans two requests, its
+failed members' effects undone. What the batch changed (new and updated
+transfers, entries, final balances) is collected for the store to write in
+one database transaction.
+
+Kinds of transfer:
+- POSTED moves money at once and writes a debit and a credit entry.
+- PENDING holds money: pending debits and credits grow, no entries yet; with a
+  timeout it expires and releases by itself.
+- POST_PENDING posts a hold, in full (amount 0) or in part (the rest is
+  released); VOID_PENDING releases it.
+- REVERSAL moves posted money back; in total a transfer is reversed at most by
+  its own amount.
 """
 
 from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from services.common.money import CURRENCY_EXPONENTS
@@ -92,6 +102,13 @@ class TransferCode(enum.Enum):
     INVALID_TYPE = "INVALID_TYPE"
     LINKED_EVENT_CHAIN_OPEN = "LINKED_EVENT_CHAIN_OPEN"
     INVALID_TIMEOUT = "INVALID_TIMEOUT"
+    PENDING_NOT_FOUND = "PENDING_NOT_FOUND"
+    PENDING_ALREADY_RESOLVED = "PENDING_ALREADY_RESOLVED"
+    PENDING_EXPIRED = "PENDING_EXPIRED"
+    EXCEEDS_PENDING_AMOUNT = "EXCEEDS_PENDING_AMOUNT"
+    ALREADY_REVERSED = "ALREADY_REVERSED"
+    TRANSFER_NOT_FOUND = "TRANSFER_NOT_FOUND"
+    REFERENCE_MISMATCH = "REFERENCE_MISMATCH"
 
     @property
     def ok(self) -> bool:
@@ -188,6 +205,14 @@ class AccountState:
             <= self.credits_posted + self.overdraft_limit
         )
 
+    def refuses_closing(self) -> str | None:
+        """Why the account cannot be closed now, or None."""
+        if self.debits_pending or self.credits_pending:
+            return "ACCOUNT_HAS_PENDING"
+        if self.debits_posted != self.credits_posted:
+            return "ACCOUNT_NOT_EMPTY"
+        return None
+
     def balances(self) -> tuple[int, int, int, int]:
         return (self.debits_posted, self.credits_posted, self.debits_pending, self.credits_pending)
 
@@ -235,28 +260,79 @@ class Transfer:
     expires_at: datetime | None
     status: TransferStatus
     amount_reversed: int = 0
+    # When a hold was posted, voided or expired.
+    resolved_at: datetime | None = None
 
     def same_request(self, other: Transfer) -> bool:
         """Whether a retry asks for exactly this transfer (ignoring what the
         ledger itself filled in)."""
+        return _request_key(self) == _request_key(other)
 
-        def key(t: Transfer) -> tuple[Any, ...]:
-            return (
-                t.debit_account_id,
-                t.credit_account_id,
-                t.amount,
-                t.currency,
-                t.type,
-                t.pending_id,
-                t.reverses_id,
-                t.linked,
-                t.timeout_seconds,
-                t.code,
-                dict(t.metadata),
-                t.effective_at,
-            )
 
-        return key(self) == key(other)
+def _request_key(t: Transfer) -> tuple[Any, ...]:
+    return (
+        t.debit_account_id,
+        t.credit_account_id,
+        t.amount,
+        t.currency,
+        t.type,
+        t.pending_id,
+        t.reverses_id,
+        t.linked,
+        t.timeout_seconds,
+        t.code,
+        dict(t.metadata),
+        t.effective_at,
+    )
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated transfer request. For transfers that refer to another one
+    (POST_PENDING, VOID_PENDING, REVERSAL), accounts, currency and amount may
+    be left out (None / 0): they come from the referenced transfer."""
+
+    id: uuid.UUID
+    type: TransferType
+    debit_account_id: uuid.UUID | None
+    credit_account_id: uuid.UUID | None
+    amount: int
+    currency: str | None
+    pending_id: uuid.UUID | None
+    reverses_id: uuid.UUID | None
+    linked: bool
+    timeout_seconds: int
+    code: str
+    metadata: Mapping[str, str]
+    effective_at: datetime | None
+
+    def matches(self, stored: Transfer) -> bool:
+        """Whether this request is a retry of ``stored``. Fields the request
+        left out match what the ledger filled in."""
+
+        def same(asked: object, kept: object) -> bool:
+            return asked is None or asked == kept
+
+        return (
+            self.type == stored.type
+            and same(self.debit_account_id, stored.debit_account_id)
+            and same(self.credit_account_id, stored.credit_account_id)
+            and same(self.currency, stored.currency)
+            and (self.amount == stored.amount or (self.amount == 0 and self.type in _REFERRING))
+            and self.pending_id == stored.pending_id
+            and self.reverses_id == stored.reverses_id
+            and self.linked == stored.linked
+            and self.timeout_seconds == stored.timeout_seconds
+            and self.code == stored.code
+            and dict(self.metadata) == dict(stored.metadata)
+            and self.effective_at == stored.effective_at
+        )
+
+
+_REFERRING = frozenset(
+    {TransferType.POST_PENDING, TransferType.VOID_PENDING, TransferType.REVERSAL}
+)
+MAX_TIMEOUT_SECONDS = 366 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -277,50 +353,132 @@ class TransferOutcome:
     transfer: Transfer | None = None
 
 
-IMPLEMENTED_TYPES = frozenset({TransferType.POSTED})
-
-
-def parse_transfer(spec: TransferSpec, now: datetime) -> Transfer | TransferCode:
-    """Validates what can be validated without state."""
+def _uuid_or_none(raw: str) -> uuid.UUID | None:
     try:
-        transfer_id = uuid.UUID(spec.id)
-        if transfer_id.int == 0:
-            return TransferCode.INVALID_ID
-        debit = uuid.UUID(spec.debit_account_id)
-        credit = uuid.UUID(spec.credit_account_id)
+        return uuid.UUID(raw)
     except ValueError:
+        return None
+
+
+def _valid_id(raw: str) -> uuid.UUID | None:
+    parsed = _uuid_or_none(raw)
+    return parsed if parsed is not None and parsed.int != 0 else None
+
+
+def parse_request(spec: TransferSpec) -> Request | TransferCode:
+    """Validates what can be validated without state."""
+    transfer_id = _valid_id(spec.id)
+    if transfer_id is None:
         return TransferCode.INVALID_ID
     try:
         transfer_type = TransferType(spec.type or TransferType.POSTED)
     except ValueError:
         return TransferCode.INVALID_TYPE
-    if transfer_type not in IMPLEMENTED_TYPES:
-        return TransferCode.INVALID_TYPE
-    if not 0 < spec.amount <= INT64_MAX:
+    referring = transfer_type in _REFERRING
+
+    accounts: list[uuid.UUID | None] = []
+    for raw in (spec.debit_account_id, spec.credit_account_id):
+        if not raw and referring:
+            accounts.append(None)
+            continue
+        parsed = _valid_id(raw)
+        if parsed is None:
+            return TransferCode.INVALID_ID
+        accounts.append(parsed)
+    debit, credit = accounts
+
+    pending_id = reverses_id = None
+    if transfer_type in (TransferType.POST_PENDING, TransferType.VOID_PENDING):
+        pending_id = _valid_id(spec.pending_id)
+        if pending_id is None:
+            return TransferCode.INVALID_ID
+    elif spec.pending_id:
+        return TransferCode.INVALID_ID
+    if transfer_type == TransferType.REVERSAL:
+        reverses_id = _valid_id(spec.reverses_id)
+        if reverses_id is None:
+            return TransferCode.INVALID_ID
+    elif spec.reverses_id:
+        return TransferCode.INVALID_ID
+
+    if not (0 < spec.amount <= INT64_MAX or (referring and spec.amount == 0)):
         return TransferCode.INVALID_AMOUNT
-    if spec.currency not in CURRENCY_EXPONENTS:
+    if spec.currency and spec.currency not in CURRENCY_EXPONENTS:
         return TransferCode.INVALID_CURRENCY
-    if debit == credit:
+    if not spec.currency and not referring:
+        return TransferCode.INVALID_CURRENCY
+    if debit is not None and debit == credit:
         return TransferCode.SAME_ACCOUNT
     if spec.timeout_seconds and transfer_type != TransferType.PENDING:
         return TransferCode.INVALID_TIMEOUT
-    return Transfer(
+    if not 0 <= spec.timeout_seconds <= MAX_TIMEOUT_SECONDS:
+        return TransferCode.INVALID_TIMEOUT
+    return Request(
         id=transfer_id,
+        type=transfer_type,
         debit_account_id=debit,
         credit_account_id=credit,
         amount=spec.amount,
-        currency=spec.currency,
-        type=transfer_type,
-        pending_id=None,
-        reverses_id=None,
+        currency=spec.currency or None,
+        pending_id=pending_id,
+        reverses_id=reverses_id,
         linked=spec.linked,
         timeout_seconds=spec.timeout_seconds,
         code=spec.code,
         metadata=dict(spec.metadata),
         effective_at=spec.effective_at,
+    )
+
+
+def parse_transfer(spec: TransferSpec, now: datetime) -> Transfer | TransferCode:
+    """A complete spec (accounts, amount and currency given) as the transfer
+    it would store, without applying it."""
+    request = parse_request(spec)
+    if isinstance(request, TransferCode):
+        return request
+    if request.debit_account_id is None or request.credit_account_id is None:
+        return TransferCode.INVALID_ID
+    if request.currency is None or request.amount == 0:
+        return TransferCode.INVALID_AMOUNT
+    return _new_transfer(
+        request,
+        request.debit_account_id,
+        request.credit_account_id,
+        request.amount,
+        request.currency,
+        now,
+        TransferStatus.PENDING if request.type == TransferType.PENDING else TransferStatus.POSTED,
+    )
+
+
+def _new_transfer(
+    request: Request,
+    debit: uuid.UUID,
+    credit: uuid.UUID,
+    amount: int,
+    currency: str,
+    now: datetime,
+    status: TransferStatus,
+) -> Transfer:
+    return Transfer(
+        id=request.id,
+        debit_account_id=debit,
+        credit_account_id=credit,
+        amount=amount,
+        currency=currency,
+        type=request.type,
+        pending_id=request.pending_id,
+        reverses_id=request.reverses_id,
+        linked=request.linked,
+        timeout_seconds=request.timeout_seconds,
+        code=request.code,
+        metadata=dict(request.metadata),
+        effective_at=request.effective_at,
         created_at=now,
-        expires_at=None,
-        status=TransferStatus.POSTED,
+        expires_at=now + timedelta(seconds=request.timeout_seconds)
+        if request.timeout_seconds
+        else None,
+        status=status,
     )
 
 
@@ -329,31 +487,398 @@ def transfer_ids(specs: Sequence[TransferSpec]) -> list[uuid.UUID]:
     return [tid for tid in (_uuid_or_none(s.id) for s in specs) if tid is not None]
 
 
-def account_ids(specs: Sequence[TransferSpec]) -> list[uuid.UUID]:
-    """The well-formed account ids a batch touches, sorted: the lock order."""
-    ids = set()
+def referenced_ids(specs: Sequence[TransferSpec]) -> list[uuid.UUID]:
+    """The transfers a batch posts, voids or reverses, sorted: the lock order."""
+    ids = {_uuid_or_none(raw) for s in specs for raw in (s.pending_id, s.reverses_id) if raw}
+    return sorted(i for i in ids if i is not None)
+
+
+def account_ids(
+    specs: Sequence[TransferSpec], referenced: Iterable[Transfer] = ()
+) -> list[uuid.UUID]:
+    """The well-formed account ids a batch touches (its own and those of the
+    transfers it refers to), sorted: the lock order."""
+    ids: set[uuid.UUID] = set()
     for spec in specs:
         for raw in (spec.debit_account_id, spec.credit_account_id):
-            parsed = _uuid_or_none(raw)
+            parsed = _uuid_or_none(raw) if raw else None
             if parsed is not None:
                 ids.add(parsed)
+    for transfer in referenced:
+        ids.update((transfer.debit_account_id, transfer.credit_account_id))
     return sorted(ids)
-
-
-def _uuid_or_none(raw: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        return None
 
 
 @dataclass
 class BatchResult:
     outcomes: list[TransferOutcome]
     new_transfers: list[Transfer]
+    # Stored transfers the batch changed: holds resolved or expired, amounts
+    # reversed.
+    updated_transfers: list[Transfer]
     entries: list[Entry]
     # Final balances of every account the batch changed.
     touched: dict[uuid.UUID, AccountState]
+
+
+_Balances = tuple[int, int, int, int]
+
+
+class LedgerBatch:
+    """Applies requests, in arrival order, against the states of one batch.
+
+    ``accounts`` must hold every account the batch touches that exists (locked
+    by the caller); ``existing``, every stored transfer whose id appears in
+    the batch or that it refers to. Neither mapping is modified.
+    """
+
+    def __init__(
+        self,
+        accounts: Mapping[uuid.UUID, AccountState],
+        existing: Mapping[uuid.UUID, Transfer],
+        now: datetime,
+    ) -> None:
+        self._states = {aid: replace(state) for aid, state in accounts.items()}
+        self._existing = existing
+        self._now = now
+        self._created: dict[uuid.UUID, Transfer] = {}
+        self._updated: dict[uuid.UUID, Transfer] = {}
+        self._entries: list[Entry] = []
+        self._touched: set[uuid.UUID] = set()
+        self.outcomes: list[TransferOutcome] = []
+        # The undo log of the chain being applied: account balances and
+        # transfers as they were before the chain first changed them.
+        self._chain: _ChainLog | None = None
+
+    # -- reading state
+
+    def _transfer(self, tid: uuid.UUID) -> Transfer | None:
+        return self._created.get(tid) or self._updated.get(tid) or self._existing.get(tid)
+
+    # -- applying
+
+    def apply(self, specs: Sequence[TransferSpec]) -> list[TransferOutcome]:
+        """Applies one request's transfers; a chain still open at its end
+        fails."""
+        first = len(self.outcomes)
+        chain_start: int | None = None
+        chain_failed = False
+        for index, spec in enumerate(specs):
+            position = first + index
+            if spec.linked and chain_start is None:
+                chain_start, chain_failed = position, False
+                self._chain = _ChainLog(len(self._entries))
+            in_chain = chain_start is not None
+
+            if chain_failed:
+                code, transfer = TransferCode.LINKED_EVENT_FAILED, None
+            elif spec.linked and index == len(specs) - 1:
+                code, transfer = TransferCode.LINKED_EVENT_CHAIN_OPEN, None
+            else:
+                code, transfer = self._apply_one(spec)
+            self.outcomes.append(TransferOutcome(spec.id, code, transfer))
+
+            if in_chain and not code.ok and not chain_failed:
+                chain_failed = True
+                self._undo_chain(chain_start or 0, position)
+            if not spec.linked:
+                chain_start, chain_failed, self._chain = None, False, None
+        return self.outcomes[first:]
+
+    def expire(self, pending_ids: Iterable[uuid.UUID]) -> list[Transfer]:
+        """Releases holds whose timeout has passed; returns them expired."""
+        expired = []
+        for tid in pending_ids:
+            pending = self._transfer(tid)
+            if (
+                pending is not None
+                and pending.status == TransferStatus.PENDING
+                and pending.expires_at is not None
+                and pending.expires_at <= self._now
+            ):
+                expired.append(self._release(pending, TransferStatus.EXPIRED))
+        return expired
+
+    def result(self) -> BatchResult:
+        return BatchResult(
+            outcomes=self.outcomes,
+            new_transfers=list(self._created.values()),
+            updated_transfers=[t for tid, t in self._updated.items() if tid not in self._created],
+            entries=self._entries,
+            touched={a: self._states[a] for a in sorted(self._touched) if a in self._states},
+        )
+
+    # -- one transfer
+
+    def _apply_one(self, spec: TransferSpec) -> tuple[TransferCode, Transfer | None]:
+        request = parse_request(spec)
+        if isinstance(request, TransferCode):
+            return request, None
+        prior = self._transfer(request.id)
+        if prior is not None:
+            if request.matches(prior):
+                return TransferCode.EXISTS, prior
+            return TransferCode.EXISTS_WITH_DIFFERENT_FIELDS, None
+        if request.type in (TransferType.POSTED, TransferType.PENDING):
+            return self._move(request)
+        if request.type == TransferType.REVERSAL:
+            return self._reverse(request)
+        return self._resolve(request)
+
+    def _accounts(
+        self, request: Request, debit_id: uuid.UUID, credit_id: uuid.UUID, currency: str
+    ) -> tuple[AccountState, AccountState] | TransferCode:
+        debit = self._states.get(debit_id)
+        credit = self._states.get(credit_id)
+        if debit is None or credit is None:
+            return TransferCode.ACCOUNT_NOT_FOUND
+        if debit.closed or credit.closed:
+            return TransferCode.ACCOUNT_CLOSED
+        if debit.currency != currency or credit.currency != currency:
+            return TransferCode.CURRENCY_MISMATCH
+        return debit, credit
+
+    def _move(self, request: Request) -> tuple[TransferCode, Transfer | None]:
+        """POSTED or PENDING: new money movement (or hold) between accounts."""
+        assert request.debit_account_id and request.credit_account_id and request.currency
+        found = self._accounts(
+            request, request.debit_account_id, request.credit_account_id, request.currency
+        )
+        if isinstance(found, TransferCode):
+            return found, None
+        debit, credit = found
+        if not debit.can_debit(request.amount):
+            return TransferCode.INSUFFICIENT_FUNDS, None
+        if _overflows(debit, credit, request.amount):
+            return TransferCode.INVALID_AMOUNT, None
+        self._save(debit, credit)
+        if request.type == TransferType.PENDING:
+            debit.debits_pending += request.amount
+            credit.credits_pending += request.amount
+            status = TransferStatus.PENDING
+        else:
+            self._post(debit, credit, request.amount, request.currency, request.id, request.code)
+            status = TransferStatus.POSTED
+        transfer = _new_transfer(
+            request, debit.id, credit.id, request.amount, request.currency, self._now, status
+        )
+        self._create(transfer)
+        return TransferCode.OK, transfer
+
+    def _resolve(self, request: Request) -> tuple[TransferCode, Transfer | None]:
+        """POST_PENDING or VOID_PENDING of the hold ``pending_id``."""
+        assert request.pending_id is not None
+        pending = self._transfer(request.pending_id)
+        if pending is None or pending.type != TransferType.PENDING:
+            return TransferCode.PENDING_NOT_FOUND, None
+        if pending.status == TransferStatus.EXPIRED:
+            return TransferCode.PENDING_EXPIRED, None
+        if pending.status != TransferStatus.PENDING:
+            return TransferCode.PENDING_ALREADY_RESOLVED, None
+        mismatch = _reference_mismatch(request, pending)
+        if mismatch is not None:
+            return mismatch, None
+        found = self._accounts(
+            request, pending.debit_account_id, pending.credit_account_id, pending.currency
+        )
+        if isinstance(found, TransferCode):
+            return found, None
+        debit, credit = found
+        if pending.expires_at is not None and pending.expires_at <= self._now:
+            # Expired but not swept yet: it expires now, whatever the chain does.
+            self._release(pending, TransferStatus.EXPIRED, undoable=False)
+            return TransferCode.PENDING_EXPIRED, None
+
+        if request.type == TransferType.POST_PENDING:
+            amount = request.amount or pending.amount
+            if amount > pending.amount:
+                return TransferCode.EXCEEDS_PENDING_AMOUNT, None
+            self._release(pending, TransferStatus.PENDING_POSTED)
+            self._post(debit, credit, amount, pending.currency, request.id, request.code)
+            status = TransferStatus.POSTED
+        else:
+            if request.amount not in (0, pending.amount):
+                return TransferCode.EXCEEDS_PENDING_AMOUNT, None
+            amount = pending.amount
+            self._release(pending, TransferStatus.VOIDED)
+            status = TransferStatus.VOIDED
+        transfer = _new_transfer(
+            request, debit.id, credit.id, amount, pending.currency, self._now, status
+        )
+        self._create(transfer)
+        return TransferCode.OK, transfer
+
+    def _reverse(self, request: Request) -> tuple[TransferCode, Transfer | None]:
+        """Moves posted money of ``reverses_id`` back, at most its amount in total."""
+        assert request.reverses_id is not None
+        original = self._transfer(request.reverses_id)
+        if (
+            original is None
+            or original.status != TransferStatus.POSTED
+            or original.type not in (TransferType.POSTED, TransferType.POST_PENDING)
+        ):
+            return TransferCode.TRANSFER_NOT_FOUND, None
+        # A reversal debits what the original credited, and credits what it debited.
+        mirrored = replace(
+            original,
+            debit_account_id=original.credit_account_id,
+            credit_account_id=original.debit_account_id,
+        )
+        mismatch = _reference_mismatch(request, mirrored)
+        if mismatch is not None:
+            return mismatch, None
+        remaining = original.amount - original.amount_reversed
+        amount = request.amount or remaining
+        if amount > remaining or remaining == 0:
+            return TransferCode.ALREADY_REVERSED, None
+        found = self._accounts(
+            request, mirrored.debit_account_id, mirrored.credit_account_id, original.currency
+        )
+        if isinstance(found, TransferCode):
+            return found, None
+        debit, credit = found
+        if not debit.can_debit(amount):
+            return TransferCode.INSUFFICIENT_FUNDS, None
+        if _overflows(debit, credit, amount):
+            return TransferCode.INVALID_AMOUNT, None
+        self._save(debit, credit)
+        self._save_transfer(original)
+        self._updated[original.id] = replace(
+            original, amount_reversed=original.amount_reversed + amount
+        )
+        self._post(debit, credit, amount, original.currency, request.id, request.code)
+        transfer = _new_transfer(
+            request, debit.id, credit.id, amount, original.currency, self._now,
+            TransferStatus.POSTED,
+        )  # fmt: skip
+        self._create(transfer)
+        return TransferCode.OK, transfer
+
+    # -- effects
+
+    def _post(
+        self,
+        debit: AccountState,
+        credit: AccountState,
+        amount: int,
+        currency: str,
+        transfer_id: uuid.UUID,
+        code: str,
+    ) -> None:
+        debit.debits_posted += amount
+        credit.credits_posted += amount
+        self._entries.append(
+            Entry(transfer_id, debit.id, Side.DEBIT, amount, currency, debit.posted, code)
+        )
+        self._entries.append(
+            Entry(transfer_id, credit.id, Side.CREDIT, amount, currency, credit.posted, code)
+        )
+
+    def _release(
+        self, pending: Transfer, status: TransferStatus, *, undoable: bool = True
+    ) -> Transfer:
+        """Takes a hold off both accounts and gives it its final status."""
+        debit = self._states[pending.debit_account_id]
+        credit = self._states[pending.credit_account_id]
+        if undoable:
+            self._save(debit, credit)
+            self._save_transfer(pending)
+        else:
+            self._touched.update((debit.id, credit.id))
+            self._forget(debit, credit, pending)
+        debit.debits_pending -= pending.amount
+        credit.credits_pending -= pending.amount
+        resolved = replace(pending, status=status, resolved_at=self._now)
+        if pending.id in self._created:
+            self._created[pending.id] = resolved
+        else:
+            self._updated[pending.id] = resolved
+        return resolved
+
+    def _create(self, transfer: Transfer) -> None:
+        self._created[transfer.id] = transfer
+        if self._chain is not None:
+            self._chain.created.append(transfer.id)
+
+    def _save(self, *states: AccountState) -> None:
+        for state in states:
+            self._touched.add(state.id)
+            if self._chain is not None:
+                self._chain.accounts.setdefault(state.id, state.balances())
+
+    def _save_transfer(self, transfer: Transfer) -> None:
+        if self._chain is not None and transfer.id not in self._chain.transfers:
+            self._chain.transfers[transfer.id] = self._created.get(
+                transfer.id
+            ) or self._updated.get(transfer.id)
+
+    def _forget(self, debit: AccountState, credit: AccountState, pending: Transfer) -> None:
+        """An expiry found mid-chain stands even if the chain fails: drop it
+        from the chain's undo log, keeping the chain's other effects undoable."""
+        if self._chain is None:
+            return
+        for state in (debit, credit):
+            saved = self._chain.accounts.get(state.id)
+            if saved is not None:
+                dp, cp, dpe, cpe = saved
+                if state.id == pending.debit_account_id:
+                    dpe -= pending.amount
+                if state.id == pending.credit_account_id:
+                    cpe -= pending.amount
+                self._chain.accounts[state.id] = (dp, cp, dpe, cpe)
+
+    def _undo_chain(self, start: int, failed_at: int) -> None:
+        chain = self._chain
+        assert chain is not None
+        for aid, (dp, cp, dpe, cpe) in chain.accounts.items():
+            state = self._states[aid]
+            state.debits_posted, state.credits_posted = dp, cp
+            state.debits_pending, state.credits_pending = dpe, cpe
+        for tid, before in chain.transfers.items():
+            if before is None:
+                self._updated.pop(tid, None)
+            elif tid in self._created:
+                self._created[tid] = before
+            else:
+                self._updated[tid] = before
+        for tid in chain.created:
+            self._created.pop(tid, None)
+        del self._entries[chain.entries_mark :]
+        for i in range(start, failed_at):
+            outcome = self.outcomes[i]
+            self.outcomes[i] = TransferOutcome(outcome.id, TransferCode.LINKED_EVENT_FAILED)
+        self._chain = _ChainLog(len(self._entries))
+
+
+@dataclass
+class _ChainLog:
+    entries_mark: int
+    accounts: dict[uuid.UUID, _Balances] = field(default_factory=dict)
+    transfers: dict[uuid.UUID, Transfer | None] = field(default_factory=dict)
+    created: list[uuid.UUID] = field(default_factory=list)
+
+
+def _overflows(debit: AccountState, credit: AccountState, amount: int) -> bool:
+    return (
+        credit.credits_posted + credit.credits_pending + amount > INT64_MAX
+        or debit.debits_posted + debit.debits_pending + amount > INT64_MAX
+    )
+
+
+def _reference_mismatch(request: Request, referenced: Transfer) -> TransferCode | None:
+    """Accounts or currency a referring request gave must be the referenced
+    transfer's own."""
+    if request.currency is not None and request.currency != referenced.currency:
+        return TransferCode.CURRENCY_MISMATCH
+    if (
+        request.debit_account_id is not None
+        and request.debit_account_id != referenced.debit_account_id
+    ) or (
+        request.credit_account_id is not None
+        and request.credit_account_id != referenced.credit_account_id
+    ):
+        return TransferCode.REFERENCE_MISMATCH
+    return None
 
 
 def apply_batch(
@@ -362,158 +887,7 @@ def apply_batch(
     existing: Mapping[uuid.UUID, Transfer],
     now: datetime,
 ) -> BatchResult:
-    """Applies transfers in order. ``accounts`` must hold every account of the
-    batch that exists (locked by the caller); ``existing``, every stored
-    transfer whose id appears in the batch. Neither mapping is modified."""
-    states = {aid: replace(state) for aid, state in accounts.items()}
-    created: dict[uuid.UUID, Transfer] = {}
-    outcomes: list[TransferOutcome] = []
-    entries: list[Entry] = []
-    touched: set[uuid.UUID] = set()
-
-    # A chain's undo log: the state of each account before the chain first
-    # touched it, and how much had been written when the chain began.
-    chain_start: int | None = None
-    chain_saved: dict[uuid.UUID, tuple[int, int, int, int]] = {}
-    chain_entries_mark = 0
-    chain_failed = False
-
-    for index, spec in enumerate(specs):
-        linked = spec.linked
-        if linked and chain_start is None:
-            chain_start, chain_saved, chain_entries_mark, chain_failed = (
-                index,
-                {},
-                len(entries),
-                False,
-            )
-        in_chain = chain_start is not None
-
-        if chain_failed:
-            code: TransferCode = TransferCode.LINKED_EVENT_FAILED
-            transfer = None
-        elif linked and index == len(specs) - 1:
-            code, transfer = TransferCode.LINKED_EVENT_CHAIN_OPEN, None
-        else:
-            code, transfer = _apply_one(
-                spec,
-                states,
-                existing,
-                created,
-                entries,
-                touched,
-                now,
-                chain_saved if in_chain else None,
-            )
-        outcomes.append(TransferOutcome(spec.id, code, transfer))
-
-        if in_chain and not code.ok and not chain_failed:
-            chain_failed = True
-            _undo_chain(
-                chain_start or 0,
-                index,
-                outcomes,
-                states,
-                chain_saved,
-                created,
-                entries,
-                chain_entries_mark,
-            )
-        if not linked:
-            chain_start, chain_failed = None, False  # the chain (if any) ends here
-
-    new_transfers = list(created.values())
-    return BatchResult(
-        outcomes=outcomes,
-        new_transfers=new_transfers,
-        entries=entries,
-        touched={aid: states[aid] for aid in sorted(touched) if aid in states},
-    )
-
-
-def _undo_chain(
-    start: int,
-    failed_at: int,
-    outcomes: list[TransferOutcome],
-    states: dict[uuid.UUID, AccountState],
-    saved: dict[uuid.UUID, tuple[int, int, int, int]],
-    created: dict[uuid.UUID, Transfer],
-    entries: list[Entry],
-    entries_mark: int,
-) -> None:
-    for aid, (dp, cp, dpe, cpe) in saved.items():
-        state = states[aid]
-        state.debits_posted, state.credits_posted = dp, cp
-        state.debits_pending, state.credits_pending = dpe, cpe
-    del entries[entries_mark:]
-    for i in range(start, failed_at):
-        outcome = outcomes[i]
-        if outcome.code == TransferCode.OK and outcome.transfer is not None:
-            created.pop(outcome.transfer.id, None)
-        outcomes[i] = TransferOutcome(outcome.id, TransferCode.LINKED_EVENT_FAILED)
-
-
-def _apply_one(
-    spec: TransferSpec,
-    states: dict[uuid.UUID, AccountState],
-    existing: Mapping[uuid.UUID, Transfer],
-    created: dict[uuid.UUID, Transfer],
-    entries: list[Entry],
-    touched: set[uuid.UUID],
-    now: datetime,
-    chain_saved: dict[uuid.UUID, tuple[int, int, int, int]] | None,
-) -> tuple[TransferCode, Transfer | None]:
-    parsed = parse_transfer(spec, now)
-    if isinstance(parsed, TransferCode):
-        return parsed, None
-    prior = created.get(parsed.id) or existing.get(parsed.id)
-    if prior is not None:
-        if prior.same_request(parsed):
-            return TransferCode.EXISTS, prior
-        return TransferCode.EXISTS_WITH_DIFFERENT_FIELDS, None
-
-    debit = states.get(parsed.debit_account_id)
-    credit = states.get(parsed.credit_account_id)
-    if debit is None or credit is None:
-        return TransferCode.ACCOUNT_NOT_FOUND, None
-    if debit.closed or credit.closed:
-        return TransferCode.ACCOUNT_CLOSED, None
-    if debit.currency != parsed.currency or credit.currency != parsed.currency:
-        return TransferCode.CURRENCY_MISMATCH, None
-    if not debit.can_debit(parsed.amount):
-        return TransferCode.INSUFFICIENT_FUNDS, None
-    if credit.credits_posted + credit.credits_pending + parsed.amount > INT64_MAX or (
-        debit.debits_posted + debit.debits_pending + parsed.amount > INT64_MAX
-    ):
-        return TransferCode.INVALID_AMOUNT, None
-
-    for state in (debit, credit):
-        if chain_saved is not None and state.id not in chain_saved:
-            chain_saved[state.id] = state.balances()
-        touched.add(state.id)
-    debit.debits_posted += parsed.amount
-    credit.credits_posted += parsed.amount
-    entries.append(
-        Entry(
-            parsed.id,
-            debit.id,
-            Side.DEBIT,
-            parsed.amount,
-            parsed.currency,
-            debit.posted,
-            parsed.code,
-        )
-    )
-    entries.append(
-        Entry(
-            parsed.id,
-            credit.id,
-            Side.CREDIT,
-            parsed.amount,
-            parsed.currency,
-            credit.posted,
-            parsed.code,
-        )
-    )
-    created[parsed.id] = parsed
-    return TransferCode.OK, parsed
+    """Applies one request's transfers in order (see ``LedgerBatch``)."""
+    batch = LedgerBatch(accounts, existing, now)
+    batch.apply(specs)
+    return batch.result()

@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 import structlog
 
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.ids import parse_uuid
+from services.common.paging import decode_cursor, encode_cursor, page_size
 from services.ledger import store
 from services.ledger.domain import (
     MAX_BATCH,
     AccountCode,
     AccountSpec,
     AccountState,
+    LedgerBatch,
     NewAccount,
     Side,
+    Transfer,
     TransferOutcome,
     TransferSpec,
     account_ids,
-    apply_batch,
+    referenced_ids,
     transfer_ids,
     validate_account,
 )
@@ -35,7 +40,7 @@ log = structlog.get_logger("moneta.ledger")
 _MAX_ATTEMPTS = 3
 
 
-def _check_batch_size(n: int) -> None:
+def check_batch_size(n: int) -> None:
     if n > MAX_BATCH:
         raise InvalidArgument(
             f"a batch holds at most {MAX_BATCH} items; this one has {n}",
@@ -47,7 +52,7 @@ def _check_batch_size(n: int) -> None:
 async def create_accounts(
     pool: asyncpg.Pool, specs: Sequence[AccountSpec]
 ) -> list[tuple[str, AccountCode]]:
-    _check_batch_size(len(specs))
+    check_batch_size(len(specs))
     validated = [validate_account(s) for s in specs]
     wanted = [v for v in validated if isinstance(v, NewAccount)]
     async with pool.acquire() as conn, conn.transaction():
@@ -80,26 +85,69 @@ async def create_accounts(
     return results
 
 
-async def create_transfers(
-    pool: asyncpg.Pool, specs: Sequence[TransferSpec]
-) -> list[TransferOutcome]:
-    _check_batch_size(len(specs))
-    if not specs:
-        return []
+@dataclass(frozen=True)
+class ExpireHolds:
+    """A batch item that expires the given holds (the sweeper's)."""
+
+    ids: Sequence[uuid.UUID]
+
+
+BatchItem = Sequence[TransferSpec] | ExpireHolds
+
+# Races that another attempt resolves: two batches creating the same new
+# transfer id on different accounts (not serialised by account locks), and
+# lock clashes between ledger replicas.
+_RETRYABLE = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+async def apply_items(
+    pool: asyncpg.Pool, items: Sequence[BatchItem]
+) -> list[list[TransferOutcome]]:
+    """Applies several requests (and expiries) in one database transaction:
+    transfers a batch refers to are locked first, then its accounts, both in
+    id order, so that concurrent batches queue instead of deadlocking. One
+    result list per item, in order."""
+    specs = [spec for item in items if not isinstance(item, ExpireHolds) for spec in item]
+    expiring = [tid for item in items if isinstance(item, ExpireHolds) for tid in item.ids]
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         try:
             async with pool.acquire() as conn, conn.transaction():
-                accounts = await store.lock_accounts(conn, account_ids(specs))
+                referenced = await store.lock_transfers(
+                    conn, sorted(set(referenced_ids(specs)) | set(expiring))
+                )
+                accounts = await store.lock_accounts(conn, account_ids(specs, referenced.values()))
                 existing = await store.fetch_transfers(conn, transfer_ids(specs))
-                now = await conn.fetchval("SELECT now()")
-                batch = apply_batch(specs, accounts, existing, now)
-                await store.write_batch(conn, batch)
-            return batch.outcomes
-        except asyncpg.UniqueViolationError:
+                existing.update(referenced)
+                now: datetime = await conn.fetchval("SELECT now()")
+                batch = LedgerBatch(accounts, existing, now)
+                results = [
+                    [] if isinstance(item, ExpireHolds) else batch.apply(item) for item in items
+                ]
+                if expiring:
+                    expired = batch.expire(expiring)
+                    if expired:
+                        log.info("holds_expired", count=len(expired))
+                await store.write_batch(conn, batch.result(), now)
+            return results
+        except _RETRYABLE:
             if attempt == _MAX_ATTEMPTS:
                 raise
             log.info("transfer_batch_retried", attempt=attempt)
     raise AssertionError("unreachable")
+
+
+async def create_transfers(
+    pool: asyncpg.Pool, specs: Sequence[TransferSpec]
+) -> list[TransferOutcome]:
+    """Applies one request on its own (the engine batches many together)."""
+    check_batch_size(len(specs))
+    if not specs:
+        return []
+    return (await apply_items(pool, [specs]))[0]
 
 
 async def lookup_accounts(pool: asyncpg.Pool, ids: Sequence[str]) -> list[asyncpg.Record]:
@@ -110,19 +158,117 @@ async def lookup_accounts(pool: asyncpg.Pool, ids: Sequence[str]) -> list[asyncp
     return [by_id[p] for p in parsed if p is not None and p in by_id]
 
 
+async def lookup_transfers(pool: asyncpg.Pool, ids: Sequence[str]) -> list[Transfer]:
+    _check_lookup_size(len(ids))
+    parsed = [_uuid_or_none(i) for i in ids]
+    async with pool.acquire() as conn:
+        found = await store.fetch_transfers(conn, [p for p in parsed if p is not None])
+    return [found[p] for p in parsed if p is not None and p in found]
+
+
+async def close_account(pool: asyncpg.Pool, account_id: str, reason: str) -> asyncpg.Record:
+    """Closes an account with a zero balance and no open holds. Closing a
+    closed account again answers it as it is."""
+    aid = parse_uuid(account_id, "id")
+    if len(reason) > 500:
+        raise InvalidArgument("reason is at most 500 characters", reason="INVALID_REASON")
+    async with pool.acquire() as conn, conn.transaction():
+        row = await store.lock_account(conn, aid)
+        if row is None:
+            raise NotFound("no such account", reason="ACCOUNT_NOT_FOUND")
+        if row["status"] == 1:
+            refusal = store.account_state(row).refuses_closing()
+            if refusal is not None:
+                raise FailedPrecondition(
+                    "only an account with a zero balance and no open holds can be closed",
+                    reason=refusal,
+                )
+            await store.mark_closed(conn, aid, reason)
+        closed = (await store.fetch_accounts(conn, [aid]))[0]
+    return closed
+
+
 async def get_balances(
-    pool: asyncpg.Pool, ids: Sequence[str]
+    pool: asyncpg.Pool, ids: Sequence[str], as_of: datetime | None
 ) -> tuple[list[AccountState], datetime]:
-    for raw in ids:
-        if _uuid_or_none(raw) is None:
-            raise InvalidArgument("account ids must be UUIDs", reason="INVALID_ID")
-    rows = await lookup_accounts(pool, ids)
-    return [store.account_state(r) for r in rows], datetime.now(UTC)
+    _check_lookup_size(len(ids))
+    parsed = [parse_uuid(raw, "account_ids") for raw in ids]
+    async with pool.acquire() as conn:
+        if as_of is None:
+            rows = await store.fetch_accounts(conn, parsed)
+            by_id = {row["id"]: store.account_state(row) for row in rows}
+            return [by_id[p] for p in parsed if p in by_id], datetime.now(UTC)
+        return await store.balances_as_of(conn, parsed, as_of), as_of
+
+
+@dataclass(frozen=True)
+class TransferQuery:
+    account_id: str
+    start: datetime | None = None
+    end: datetime | None = None
+    code: str | None = None
+    min_amount: int | None = None
+    max_amount: int | None = None
+    status: int | None = None
+    page_size: int = 0
+    page_token: str = ""
+
+
+async def list_transfers(pool: asyncpg.Pool, query: TransferQuery) -> tuple[list[Transfer], str]:
+    """Newest first. The page token is the last item's (created_at, id): new
+    transfers arriving meanwhile are newer and never shift later pages."""
+    aid = parse_uuid(query.account_id, "account_id")
+    limit = page_size(query.page_size)
+    cursor = decode_cursor(query.page_token, uuid.UUID)
+    for value, name in ((query.min_amount, "min_amount"), (query.max_amount, "max_amount")):
+        if value is not None and value < 0:
+            raise InvalidArgument(f"{name} must not be negative", reason="INVALID_AMOUNT")
+    async with pool.acquire() as conn:
+        found = await store.list_transfers(
+            conn,
+            aid,
+            start=query.start,
+            end=query.end,
+            code=query.code,
+            min_amount=query.min_amount,
+            max_amount=query.max_amount,
+            status=query.status,
+            cursor=cursor,
+            limit=limit + 1,
+        )
+    page = found[:limit]
+    token = encode_cursor(page[-1].created_at, page[-1].id) if len(found) > limit else ""
+    return page, token
+
+
+async def list_entries(
+    pool: asyncpg.Pool,
+    account_id: str,
+    start: datetime | None,
+    end: datetime | None,
+    size: int,
+    token: str,
+) -> tuple[list[asyncpg.Record], str]:
+    aid = parse_uuid(account_id, "account_id")
+    limit = page_size(size)
+    cursor = decode_cursor(token, int)
+    async with pool.acquire() as conn:
+        found = await store.list_entries(
+            conn, aid, start=start, end=end, cursor=cursor, limit=limit + 1
+        )
+    page = found[:limit]
+    next_token = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(found) > limit else ""
+    return page, next_token
 
 
 async def verify_ledger(pool: asyncpg.Pool) -> tuple[list[dict[str, object]], dict[str, int]]:
     async with pool.acquire() as conn:
         return await store.verify(conn)
+
+
+def _check_lookup_size(n: int) -> None:
+    if n > MAX_BATCH:
+        raise InvalidArgument(f"look up at most {MAX_BATCH} ids at once", reason="BATCH_TOO_LARGE")
 
 
 def _uuid_or_none(raw: str) -> uuid.UUID | None:

@@ -27,7 +27,7 @@ _ACCOUNT_COLUMNS = """
 _TRANSFER_COLUMNS = """
     id, debit_account_id, credit_account_id, amount, currency, type, pending_id, reverses_id,
     linked, timeout_seconds, code, metadata, effective_at, created_at, expires_at, status,
-    amount_reversed
+    amount_reversed, resolved_at
 """
 
 
@@ -65,6 +65,7 @@ def transfer_from_row(row: asyncpg.Record) -> Transfer:
         expires_at=row["expires_at"],
         status=TransferStatus(row["status"]),
         amount_reversed=row["amount_reversed"],
+        resolved_at=row["resolved_at"],
     )
 
 
@@ -108,6 +109,18 @@ async def lock_accounts(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUI
     return {row["id"]: account_state(row) for row in rows}
 
 
+async def lock_transfers(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Transfer]:
+    """Locks the transfers a batch refers to (holds it resolves, transfers it
+    reverses), in id order, before any account: one lock order for all."""
+    if not ids:
+        return {}
+    rows = await conn.fetch(
+        f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
+        list(ids),
+    )
+    return {row["id"]: transfer_from_row(row) for row in rows}
+
+
 async def fetch_transfers(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Transfer]:
     rows = await conn.fetch(
         f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1::uuid[])", list(ids)
@@ -115,7 +128,7 @@ async def fetch_transfers(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.U
     return {row["id"]: transfer_from_row(row) for row in rows}
 
 
-async def write_batch(conn: DbConn, batch: BatchResult) -> None:
+async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
     """Writes what a batch changed: transfers, entries and balances, each
     with one statement."""
     transfers = batch.new_transfers
@@ -124,11 +137,12 @@ async def write_batch(conn: DbConn, batch: BatchResult) -> None:
             """
             INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, type,
                                    pending_id, reverses_id, linked, timeout_seconds, code, metadata,
-                                   effective_at, created_at, expires_at, status)
+                                   effective_at, created_at, expires_at, status, resolved_at)
             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
                                  $6::smallint[], $7::uuid[], $8::uuid[], $9::boolean[],
                                  $10::integer[], $11::text[], $12::jsonb[], $13::timestamptz[],
-                                 $14::timestamptz[], $15::timestamptz[], $16::smallint[])
+                                 $14::timestamptz[], $15::timestamptz[], $16::smallint[],
+                                 $17::timestamptz[])
             """,
             [t.id for t in transfers],
             [t.debit_account_id for t in transfers],
@@ -146,9 +160,25 @@ async def write_batch(conn: DbConn, batch: BatchResult) -> None:
             [t.created_at for t in transfers],
             [t.expires_at for t in transfers],
             [int(t.status) for t in transfers],
+            [t.resolved_at for t in transfers],
+        )
+    changed = batch.updated_transfers
+    if changed:
+        await conn.execute(
+            """
+            UPDATE transfers AS t
+               SET status = u.status, amount_reversed = u.reversed, resolved_at = u.resolved_at
+              FROM unnest($1::uuid[], $2::smallint[], $3::bigint[], $4::timestamptz[])
+                   AS u(id, status, reversed, resolved_at)
+             WHERE t.id = u.id
+            """,
+            [t.id for t in changed],
+            [int(t.status) for t in changed],
+            [t.amount_reversed for t in changed],
+            [t.resolved_at for t in changed],
         )
     if batch.entries:
-        await insert_entries(conn, batch.entries, transfers[0].created_at if transfers else None)
+        await insert_entries(conn, batch.entries, now)
     if batch.touched:
         states = list(batch.touched.values())
         await conn.execute(
@@ -168,14 +198,12 @@ async def write_batch(conn: DbConn, batch: BatchResult) -> None:
         )
 
 
-async def insert_entries(
-    conn: DbConn, entries: Sequence[Entry], created_at: datetime | None
-) -> None:
+async def insert_entries(conn: DbConn, entries: Sequence[Entry], created_at: datetime) -> None:
     await conn.execute(
         """
         INSERT INTO entries (transfer_id, account_id, side, amount, currency, balance_after, code,
                              created_at)
-        SELECT t, a, s, am, c, b, co, coalesce($8::timestamptz, now())
+        SELECT t, a, s, am, c, b, co, $8::timestamptz
           FROM unnest($1::uuid[], $2::uuid[], $3::smallint[], $4::bigint[], $5::text[],
                       $6::bigint[], $7::text[]) AS u(t, a, s, am, c, b, co)
         """,
@@ -188,6 +216,16 @@ async def insert_entries(
         [e.code for e in entries],
         created_at,
     )
+
+
+async def due_holds(conn: DbConn, limit: int) -> list[uuid.UUID]:
+    """Open holds whose timeout has passed, oldest first."""
+    rows = await conn.fetch(
+        "SELECT id FROM transfers WHERE status = 2 AND expires_at <= now()"
+        " ORDER BY expires_at LIMIT $1",
+        limit,
+    )
+    return [row["id"] for row in rows]
 
 
 async def ensure_entry_partitions(conn: DbConn, months_ahead: int = 2) -> None:
@@ -304,3 +342,155 @@ async def verify(conn: DbConn) -> tuple[list[dict[str, object]], dict[str, int]]
             "entries": await conn.fetchval("SELECT count(*) FROM entries"),
         }
     return discrepancies, counts
+
+
+def _filters(
+    start: datetime | None,
+    end: datetime | None,
+    extra: Sequence[tuple[str, object]],
+    cursor: tuple[datetime, object] | None,
+    first_param: int,
+) -> tuple[str, list[object]]:
+    """SQL conditions and their parameters, numbered from ``first_param``."""
+    conditions: list[str] = []
+    params: list[object] = []
+
+    def add(sql: str, *values: object) -> None:
+        for value in values:
+            params.append(value)
+            sql = sql.replace("?", f"${first_param + len(params) - 1}", 1)
+        conditions.append(sql)
+
+    if start is not None:
+        add("created_at >= ?", start)
+    if end is not None:
+        add("created_at < ?", end)
+    for sql, value in extra:
+        add(sql, value)
+    if cursor is not None:
+        add("(created_at, id) < (?, ?)", *cursor)
+    return "".join(f" AND {c}" for c in conditions), params
+
+
+async def list_transfers(
+    conn: DbConn,
+    account_id: uuid.UUID,
+    *,
+    start: datetime | None,
+    end: datetime | None,
+    code: str | None,
+    min_amount: int | None,
+    max_amount: int | None,
+    status: int | None,
+    cursor: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[Transfer]:
+    """An account's transfers (either side), newest first. Each side is read
+    from its own index and the two are merged, so the newest page of a
+    busy account costs two short index scans."""
+    extra: list[tuple[str, object]] = []
+    if code:
+        extra.append(("code = ?", code))
+    if min_amount is not None:
+        extra.append(("amount >= ?", min_amount))
+    if max_amount is not None:
+        extra.append(("amount <= ?", max_amount))
+    if status is not None:
+        extra.append(("status = ?", status))
+    where, params = _filters(start, end, extra, cursor, first_param=3)
+    rows = await conn.fetch(
+        f"""
+        SELECT * FROM (
+            (SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE debit_account_id = $1{where}
+              ORDER BY created_at DESC, id DESC LIMIT $2)
+            UNION ALL
+            (SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE credit_account_id = $1{where}
+              ORDER BY created_at DESC, id DESC LIMIT $2)
+        ) AS both_sides
+        ORDER BY created_at DESC, id DESC LIMIT $2
+        """,
+        account_id,
+        limit,
+        *params,
+    )
+    return [transfer_from_row(r) for r in rows]
+
+
+async def list_entries(
+    conn: DbConn,
+    account_id: uuid.UUID,
+    *,
+    start: datetime | None,
+    end: datetime | None,
+    cursor: tuple[datetime, int] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    where, params = _filters(start, end, (), cursor, first_param=3)
+    return list(
+        await conn.fetch(
+            f"""
+            SELECT id, transfer_id, account_id, side, amount, currency, balance_after, code,
+                   created_at
+              FROM entries WHERE account_id = $1{where}
+             ORDER BY created_at DESC, id DESC LIMIT $2
+            """,
+            account_id,
+            limit,
+            *params,
+        )
+    )
+
+
+async def balances_as_of(
+    conn: DbConn, ids: Sequence[uuid.UUID], as_of: datetime
+) -> list[AccountState]:
+    """Balances at a past moment: posted from the entries written by then,
+    pending from the holds open at that moment."""
+    rows = await conn.fetch(
+        f"""
+        WITH wanted AS (
+            SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::uuid[]) AND created_at <= $2
+        ), posted AS (
+            SELECT account_id,
+                   coalesce(sum(amount) FILTER (WHERE side = 1), 0) AS d,
+                   coalesce(sum(amount) FILTER (WHERE side = 2), 0) AS c
+              FROM entries WHERE account_id = ANY($1::uuid[]) AND created_at <= $2
+             GROUP BY account_id
+        ), held AS (
+            SELECT account_id, sum(d) AS d, sum(c) AS c FROM (
+                SELECT debit_account_id AS account_id, amount AS d, 0 AS c FROM transfers
+                 WHERE type = 2 AND created_at <= $2 AND (resolved_at IS NULL OR resolved_at > $2)
+                   AND debit_account_id = ANY($1::uuid[])
+                UNION ALL
+                SELECT credit_account_id, 0, amount FROM transfers
+                 WHERE type = 2 AND created_at <= $2 AND (resolved_at IS NULL OR resolved_at > $2)
+                   AND credit_account_id = ANY($1::uuid[])
+            ) h GROUP BY account_id
+        )
+        SELECT w.id, w.currency, w.type, w.normal_side, w.no_overdraft, w.overdraft_limit,
+               w.status, w.metadata, w.created_at,
+               coalesce(p.d, 0)::bigint AS debits_posted, coalesce(p.c, 0)::bigint AS credits_posted,
+               coalesce(h.d, 0)::bigint AS debits_pending, coalesce(h.c, 0)::bigint AS credits_pending
+          FROM wanted w
+          LEFT JOIN posted p ON p.account_id = w.id
+          LEFT JOIN held h ON h.account_id = w.id
+        """,
+        list(ids),
+        as_of,
+    )
+    by_id = {row["id"]: account_state(row) for row in rows}
+    return [by_id[i] for i in ids if i in by_id]
+
+
+async def lock_account(conn: DbConn, account_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = $1 FOR UPDATE", account_id
+    )
+
+
+async def mark_closed(conn: DbConn, account_id: uuid.UUID, reason: str) -> None:
+    await conn.execute(
+        "UPDATE accounts SET status = 2, closed_at = now(), closed_reason = $2 WHERE id = $1",
+        account_id,
+        reason,
+    )

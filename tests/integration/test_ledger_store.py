@@ -70,7 +70,7 @@ async def post(pool: asyncpg.Pool, *specs: TransferSpec) -> list[TransferCode]:
 
 
 async def balance(pool: asyncpg.Pool, account_id: str) -> AccountState:
-    (state,), _ = await handlers.get_balances(pool, [account_id])
+    (state,), _ = await handlers.get_balances(pool, [account_id], None)
     return state
 
 

@@ -428,19 +428,9 @@ def test_timeout_on_a_posted_transfer_is_invalid_timeout() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    "transfer_type",
-    [
-        TransferType.PENDING,
-        TransferType.POST_PENDING,
-        TransferType.VOID_PENDING,
-        TransferType.REVERSAL,
-        99,
-    ],
-)
-def test_types_not_implemented_yet_are_invalid_type(transfer_type: int) -> None:
+def test_unknown_transfer_type_is_invalid_type() -> None:
     payer, payee = wallet(1_000), account()
-    assert codes(apply([transfer(payer, payee, type=transfer_type)], payer, payee)) == [
+    assert codes(apply([transfer(payer, payee, type=99)], payer, payee)) == [
         TransferCode.INVALID_TYPE
     ]
 
@@ -732,7 +722,7 @@ def test_random_batches_change_balances_by_exactly_their_entries(
             s.credits_posted - accounts[s.id].credits_posted,
         ]
         for s in final_states(accounts, result)
-        if s.balances() != accounts[s.id].balances()
+        if s.balances()[:2] != accounts[s.id].balances()[:2]
     }
     assert changed == {aid: m for aid, m in moved.items() if m != [0, 0]}
 
@@ -744,9 +734,14 @@ def test_random_batches_write_two_entries_per_new_transfer(
 ) -> None:
     accounts, specs, existing = history
     result = apply_batch(specs, accounts, existing, NOW)
-    ok = [o.transfer.id for o in result.outcomes if o.code == TransferCode.OK and o.transfer]
+    # Holds write no entries: only posted movements do.
+    ok = [
+        o.transfer.id
+        for o in result.outcomes
+        if o.code == TransferCode.OK and o.transfer and o.transfer.type == TransferType.POSTED
+    ]
     assert (sorted(ok), sorted(e.transfer_id for e in result.entries)) == (
-        sorted(t.id for t in result.new_transfers),
+        sorted(t.id for t in result.new_transfers if t.type == TransferType.POSTED),
         sorted(ok * 2),
     )
 
