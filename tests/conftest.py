@@ -20,6 +20,7 @@ import pytest
 
 from services.common.config import CommonSettings
 from services.common.db import create_pool, migrate
+from tests.processes import ServiceProcess, service_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,3 +110,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         kind = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
         if kind in ("unit", "integration", "e2e"):
             item.add_marker(getattr(pytest.mark, kind))
+
+
+@pytest.fixture(scope="session")
+def ledger_process(
+    test_run: TestRun, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """A ledger process of its own, on a database of its own
+    (``<run prefix>lp_ledger``), so that whole-ledger checks see only what
+    the ledger tests wrote."""
+    env = {**test_run.env(), "MONETA_DB_PREFIX": f"{test_run.db_prefix}lp_"}
+    ledger = service_process("ledger", env, tmp_path_factory.mktemp("ledger-process"))
+    ledger.start()
+    yield ledger
+    ledger.stop()

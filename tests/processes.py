@@ -1,0 +1,108 @@
+"""Starting services as real processes for tests: free ports, the run's own
+databases, readiness awaited, SIGTERM (or SIGKILL) to stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE_NAMES = {
+    "ledger": "moneta.ledger.v1.LedgerService",
+    "wallet": "moneta.wallet.v1.WalletService",
+    "budget": "moneta.budget.v1.BudgetService",
+    "fraud": "moneta.fraud.v1.FraudService",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServiceProcess:
+    """One service as a child process. ``start`` may be called again after a
+    stop or a kill: same port, same database."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = field(default=None)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, wait_seconds: float = 60.0) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_ready(wait_seconds)
+
+    def wait_ready(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+                try:
+                    response = stub.Check(
+                        health_pb2.HealthCheckRequest(service=SERVICE_NAMES[self.name]), timeout=1
+                    )
+                    if response.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} was not ready in {seconds}s")
+
+    def stop(self) -> None:
+        """SIGTERM, then wait for the drain."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup, as a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def service_process(
+    name: str, base_env: dict[str, str], log_dir: Path, **settings: str
+) -> ServiceProcess:
+    port = free_port()
+    env = {
+        **os.environ,
+        **base_env,
+        "MONETA_GRPC_HOST": "127.0.0.1",
+        "MONETA_LOG_FORMAT": "json",
+        "MONETA_READINESS_INTERVAL_SECONDS": "0.5",
+        "MONETA_SHUTDOWN_GRACE_SECONDS": "2",
+        f"MONETA_{name.upper()}_PORT": str(port),
+        f"MONETA_{name.upper()}_METRICS_PORT": "0",
+        **settings,
+    }
+    return ServiceProcess(name, env, log_dir / f"{name}.log", port)
