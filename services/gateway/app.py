@@ -469,6 +469,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             if body.initial_balance is not None
             else 0
         )
+        if initial and who.role != "admin" and body.user_id == who.user_id:
+            raise PermissionDenied(
+                "a manager cannot fund their own wallet", reason="SELF_FUNDING_FORBIDDEN"
+            )
         response = await call(
             who,
             upstreams().wallet.CreateWallet,

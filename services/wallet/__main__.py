@@ -10,6 +10,7 @@ from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.db import create_pool, pool_check
 from services.common.runner import run_service
 from services.common.server import GrpcService, configured_service
+from services.wallet import handlers
 from services.wallet.api import SERVICE_NAME, WalletApi
 from services.wallet.config import WalletSettings
 from services.wallet.peers import Peers
@@ -30,7 +31,11 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
     )
     try:
         # Contract methods not implemented yet answer UNIMPLEMENTED.
-        api = WalletApi(pool, peers)  # type: ignore[abstract]
+        api = WalletApi(pool, peers, settings)  # type: ignore[abstract]
+
+        async def reconcile() -> None:
+            await handlers.reconcile_forever(pool, peers)
+
         yield configured_service(
             settings,
             name="wallet",
@@ -41,6 +46,7 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.wallet_metrics_port,
+            background=[reconcile],
         )
     finally:
         await peers.close()

@@ -10,6 +10,7 @@ from moneta.wallet.v1 import wallet_pb2 as pb
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.grpc_util import timestamp
 from services.wallet import handlers
+from services.wallet.config import WalletSettings
 from services.wallet.peers import Peers
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WalletService"].full_name
@@ -51,9 +52,10 @@ def wallet_to_pb(view: handlers.WalletView) -> pb.Wallet:
 
 
 class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, peers: Peers) -> None:
+    def __init__(self, pool: asyncpg.Pool, peers: Peers, settings: WalletSettings) -> None:
         self._pool = pool
         self._peers = peers
+        self._settings = settings
 
     async def CreateUser(
         self, request: pb.CreateUserRequest, context: grpc.aio.ServicerContext
@@ -85,7 +87,12 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
         self, request: pb.CreateWalletRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateWalletResponse:
         view = await handlers.create_wallet(
-            self._pool, self._peers, request.user_id, request.currency, request.initial_balance
+            self._pool,
+            self._peers,
+            request.user_id,
+            request.currency,
+            request.initial_balance,
+            self._settings.company_credit_limit,
         )
         return pb.CreateWalletResponse(wallet=wallet_to_pb(view))
 

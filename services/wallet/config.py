@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from decimal import Decimal
+
 from services.common.config import CommonSettings
 
 
@@ -9,3 +11,7 @@ class WalletSettings(CommonSettings):
     ledger_addr: str = "127.0.0.1:50051"
     budget_addr: str = "127.0.0.1:50053"
     fraud_addr: str = "127.0.0.1:50054"
+    # The credit line of a company's funding account, in major units of each
+    # currency: how far wallets can be funded beyond what the company
+    # prefunded. Fixed when the account is first opened.
+    company_credit_limit: Decimal = Decimal("1000000")

@@ -8,17 +8,22 @@ scores it once, the budget reserves it once, the ledger moves it once.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 
 import asyncpg
 import structlog
+from prometheus_client import Counter
 
+from moneta.budget.v1 import budget_pb2
 from moneta.common.v1.money_pb2 import Money
 from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2
 from services.common.db import DbConn
 from services.common.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -28,7 +33,7 @@ from services.common.errors import (
     Unimplemented,
 )
 from services.common.ids import parse_uuid
-from services.common.money import INT64_MAX, require_positive, validate_currency
+from services.common.money import INT64_MAX, require_positive, to_minor_units, validate_currency
 from services.wallet import store
 from services.wallet.domain import (
     Role,
@@ -47,6 +52,11 @@ from services.wallet.domain import (
 from services.wallet.peers import Peers
 
 log = structlog.get_logger("moneta.wallet")
+
+BUDGET_COMMIT_FAILURES = Counter(
+    "moneta_wallet_budget_commit_failures_total",
+    "Payments whose money moved but whose budget spend could not be committed.",
+)
 
 _OK_CODES = (ledger_pb2.TransferResult.OK, ledger_pb2.TransferResult.EXISTS)
 
@@ -134,7 +144,12 @@ class WalletView:
 
 
 async def create_wallet(
-    pool: asyncpg.Pool, peers: Peers, user_id: str, currency: str, initial_balance: int
+    pool: asyncpg.Pool,
+    peers: Peers,
+    user_id: str,
+    currency: str,
+    initial_balance: int,
+    company_credit_limit: Decimal,
 ) -> WalletView:
     """Creates the user's wallet, funded from their company's funding account
     when an initial balance is asked for: money never appears from nothing."""
@@ -145,15 +160,22 @@ async def create_wallet(
     wallet_id = wallet_id_for(user["user_id"])
     account_id = wallet_account_id(wallet_id, currency)
 
-    async with pool.acquire() as conn:
-        existing = await store.fetch_wallet(conn, user_id=user["user_id"])
-    if existing is not None:
-        if (existing["default_currency"], existing["initial_balance"]) != (
-            currency,
-            initial_balance,
-        ):
-            raise AlreadyExists("the user has a wallet already", reason="WALLET_EXISTS")
-        return await get_wallet(pool, peers, wallet_id=str(wallet_id))
+    # The wallet is recorded with what was asked before anything is funded,
+    # so that a retry after a crash finishes the same wallet and a different
+    # request is told the wallet exists. Every ledger step is idempotent.
+    async with pool.acquire() as conn, conn.transaction():
+        await store.insert_wallet(
+            conn,
+            wallet_id=wallet_id,
+            user_id=user["user_id"],
+            currency=currency,
+            initial_balance=initial_balance,
+            ledger_account_id=account_id,
+        )
+        existing = await store.fetch_wallet(conn, wallet_id=wallet_id)
+    assert existing is not None
+    if (existing["default_currency"], existing["initial_balance"]) != (currency, initial_balance):
+        raise AlreadyExists("the user has a wallet already", reason="WALLET_EXISTS")
 
     funding_id = company_funding_account_id(user["company_id"], currency)
     await peers.create_accounts(
@@ -164,14 +186,23 @@ async def create_wallet(
                 type=ledger_pb2.ACCOUNT_TYPE_USER_WALLET,
                 no_overdraft=True,
                 metadata={"wallet_id": str(wallet_id), "user_id": str(user["user_id"])},
-            ),
+            )
+        ]
+    )
+    # Opened once; its credit line stays what it was then.
+    await peers.create_accounts(
+        [
             ledger_pb2.Account(
                 id=str(funding_id),
                 currency=currency,
                 type=ledger_pb2.ACCOUNT_TYPE_COMPANY_FUNDING,
+                # A company spends what it has prefunded plus its credit line.
+                no_overdraft=True,
+                overdraft_limit=to_minor_units(company_credit_limit, currency),
                 metadata={"company_id": str(user["company_id"] or "platform")},
             ),
-        ]
+        ],
+        keep_existing=True,
     )
     if initial_balance > 0:
         result = await peers.create_transfer(
@@ -184,23 +215,17 @@ async def create_wallet(
                 code="INITIAL_FUNDING",
             )
         )
-        if result.code == ledger_pb2.TransferResult.EXISTS_WITH_DIFFERENT_FIELDS:
-            raise AlreadyExists("the user has a wallet already", reason="WALLET_EXISTS")
+        if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
+            raise FailedPrecondition(
+                "the company's funding account cannot cover the initial balance",
+                reason="COMPANY_FUNDS_INSUFFICIENT",
+            )
         if result.code not in _OK_CODES:
             raise Internal(
                 "the ledger refused the initial funding: "
                 + ledger_pb2.TransferResult.Code.Name(result.code),
                 reason="LEDGER_REFUSED",
             )
-    async with pool.acquire() as conn, conn.transaction():
-        await store.insert_wallet(
-            conn,
-            wallet_id=wallet_id,
-            user_id=user["user_id"],
-            currency=currency,
-            initial_balance=initial_balance,
-            ledger_account_id=account_id,
-        )
     log.info("wallet_created", wallet_id=str(wallet_id), currency=currency)
     return await get_wallet(pool, peers, wallet_id=str(wallet_id))
 
@@ -267,6 +292,12 @@ async def _resolve_recipient(conn: DbConn, by: str, value: str) -> asyncpg.Recor
     return row
 
 
+# An attempt holds a payment this long: longer than the whole pipeline can
+# take with every peer call at its deadline, so a lease only lapses once its
+# attempt is surely over (finished, or crashed).
+LEASE_SECONDS = 30.0
+
+
 async def transfer(pool: asyncpg.Pool, peers: Peers, cmd: TransferCommand) -> TransferOutcome:
     sender_id = parse_uuid(cmd.sender_id, "sender_id")
     key = validate_idempotency_key(cmd.idempotency_key)
@@ -293,7 +324,7 @@ async def transfer(pool: asyncpg.Pool, peers: Peers, cmd: TransferCommand) -> Tr
             note=cmd.note,
             category=cmd.category,
         )
-        payment = await store.claim_payment(
+        payment, fresh = await store.claim_payment(
             conn,
             payment_id=pid,
             kind="P2P",
@@ -312,112 +343,255 @@ async def transfer(pool: asyncpg.Pool, peers: Peers, cmd: TransferCommand) -> Tr
             "this idempotency key was used for a different request",
             reason="IDEMPOTENCY_KEY_REUSED",
         )
-    if payment["status"] == "COMPLETED":
-        return TransferOutcome(pid, "COMPLETED", payment["sender_balance"], currency)
-    if payment["status"] == "FAILED":
-        raise FailedPrecondition(payment["failure_message"], reason=payment["failure_reason"])
-
+    replayed = _replay(payment)
+    if replayed is not None:
+        return replayed
+    async with pool.acquire() as conn:
+        if not await store.take_lease(conn, pid, LEASE_SECONDS):
+            # Maybe it finished a moment ago.
+            replayed = _replay(await store.fetch_payment(conn, pid))
+            if replayed is not None:
+                return replayed
+            raise Aborted(
+                "the same request is still in progress; retry shortly",
+                reason="REQUEST_IN_PROGRESS",
+            )
+    step = _Payment(
+        pool, peers, pid, cmd, currency, sender_wallet, sender_accounts, recipient_wallet,
+        reservation_id=payment["reservation_id"],
+    )  # fmt: skip
     try:
-        return await _run_transfer(
-            pool, peers, pid, cmd, currency, sender_wallet, sender_accounts, recipient_wallet
-        )
+        return await step.drive(resumed=not fresh)
     except FailedPrecondition as refusal:
-        # A business refusal is final for this key: a retry replays it.
+        # Refused before any money moved: final for this key, a retry replays it.
         async with pool.acquire() as conn:
             await store.fail_payment(conn, pid, refusal.reason, refusal.message)
         raise
+    except BaseException:
+        # Outcome unknown (a peer timed out, the call was cancelled): the
+        # next attempt, or the reconciler, asks the ledger what happened.
+        async with pool.acquire() as conn:
+            await store.release_lease(conn, pid)
+        raise
 
 
-async def _run_transfer(
-    pool: asyncpg.Pool,
-    peers: Peers,
-    pid: uuid.UUID,
-    cmd: TransferCommand,
-    currency: str,
-    sender_wallet: asyncpg.Record,
-    sender_accounts: dict[str, uuid.UUID],
-    recipient_wallet: asyncpg.Record,
-) -> TransferOutcome:
-    ensure_can_send(WalletStatus(sender_wallet["status"]))
-    ensure_can_receive(WalletStatus(recipient_wallet["status"]))
-    sender_account = sender_accounts.get(currency)
-    if sender_account is None:
-        raise FailedPrecondition(
-            f"the wallet holds no {currency}",
-            reason="INSUFFICIENT_FUNDS",
-            details={"currency": currency, "available": 0},
-        )
-
-    verdict = await peers.score(
-        fraud_pb2.ScoreRequest(
-            transaction_id=str(pid),
-            user_id=str(sender_wallet["user_id"]),
-            type="P2P_OUT",
-            amount=Money(amount=cmd.amount, currency=currency),
-            recipient_kind=fraud_pb2.RECIPIENT_KIND_USER,
-            recipient_id=str(recipient_wallet["user_id"]),
-            device_id=cmd.device_id,
-            ip=cmd.ip,
-            country=cmd.country,
-        )
+def _replay(payment: asyncpg.Record | None) -> TransferOutcome | None:
+    """The recorded outcome of a finished payment, or None if it is not."""
+    if payment is None or payment["status"] == "PROCESSING":
+        return None
+    if payment["status"] == "FAILED":
+        raise FailedPrecondition(payment["failure_message"], reason=payment["failure_reason"])
+    return TransferOutcome(
+        payment["payment_id"], "COMPLETED", payment["sender_balance"], payment["currency"]
     )
-    if verdict.decision == fraud_pb2.DECISION_BLOCK:
-        # Which rule fired is never told to the payer.
-        raise TransactionDeclined("the transaction was declined")
-    if verdict.decision == fraud_pb2.DECISION_REVIEW:
-        raise Unimplemented(
-            "step-up review of a flagged transfer is not supported yet",
-            reason="REVIEW_NOT_SUPPORTED",
+
+
+class _Payment:
+    """One attempt at a P2P payment, resumable at any step.
+
+    The ledger is the source of truth for whether money moved: an attempt
+    that resumes a payment asks it first. Before the money moves, a refusal
+    is final; after, the payment completes whatever else fails.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        peers: Peers,
+        pid: uuid.UUID,
+        cmd: TransferCommand,
+        currency: str,
+        sender_wallet: asyncpg.Record,
+        sender_accounts: dict[str, uuid.UUID],
+        recipient_wallet: asyncpg.Record,
+        reservation_id: uuid.UUID | None,
+    ) -> None:
+        self.pool, self.peers, self.pid, self.cmd = pool, peers, pid, cmd
+        self.currency = currency
+        self.sender_wallet, self.sender_accounts = sender_wallet, sender_accounts
+        self.recipient_wallet = recipient_wallet
+        self.reservation_id = str(reservation_id) if reservation_id else None
+
+    async def drive(self, *, resumed: bool) -> TransferOutcome:
+        moved = resumed and await self.peers.lookup_transfer(self.pid) is not None
+        if not moved:
+            await self._move_money()
+        return await self._complete()
+
+    async def _move_money(self) -> None:
+        ensure_can_send(WalletStatus(self.sender_wallet["status"]))
+        ensure_can_receive(WalletStatus(self.recipient_wallet["status"]))
+        sender_account = self.sender_accounts.get(self.currency)
+        if sender_account is None:
+            raise FailedPrecondition(
+                f"the wallet holds no {self.currency}",
+                reason="INSUFFICIENT_FUNDS",
+                details={"currency": self.currency, "available": 0},
+            )
+        await self._score()
+        reservation = await self.peers.reserve(
+            self.sender_wallet["user_id"], self.cmd.amount, self.currency, self.cmd.category,
+            str(self.pid),
+        )  # fmt: skip
+        if reservation.status != budget_pb2.RESERVATION_STATUS_RESERVED:
+            # An earlier attempt's reservation lapsed before money moved.
+            raise FailedPrecondition(
+                "the payment's budget reservation has lapsed; send it again with a new key",
+                reason="RESERVATION_LAPSED",
+            )
+        self.reservation_id = reservation.reservation_id
+        async with self.pool.acquire() as conn:
+            await store.set_payment_reservation(conn, self.pid, reservation.reservation_id)
+
+        recipient_account = await _ensure_wallet_account(
+            self.pool, self.peers, self.recipient_wallet, self.currency
         )
-
-    reservation = await peers.reserve(
-        sender_wallet["user_id"], cmd.amount, currency, cmd.category, str(pid)
-    )
-    async with pool.acquire() as conn:
-        await store.set_payment_reservation(conn, pid, reservation.reservation_id)
-
-    try:
-        recipient_account = await _ensure_wallet_account(pool, peers, recipient_wallet, currency)
-        result = await peers.create_transfer(
+        result = await self.peers.create_transfer(
             ledger_pb2.Transfer(
-                id=str(pid),
+                id=str(self.pid),
                 debit_account_id=str(sender_account),
                 credit_account_id=str(recipient_account),
-                amount=cmd.amount,
-                currency=currency,
+                amount=self.cmd.amount,
+                currency=self.currency,
                 code="P2P",
                 metadata={"kind": "P2P"},
             )
         )
-    except MonetaError as exc:
-        if not isinstance(exc, FailedPrecondition | InvalidArgument):
-            # Unknown whether the ledger applied it: keep the reservation; the
-            # client's retry resumes here, and the ttl releases it otherwise.
-            raise
-        await peers.release(reservation.reservation_id)
-        raise
-    if result.code not in _OK_CODES:
-        await peers.release(reservation.reservation_id)
+        if result.code in _OK_CODES:
+            return
+        await self.peers.release(reservation.reservation_id)
         if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
             raise FailedPrecondition(
-                "insufficient funds", reason="INSUFFICIENT_FUNDS", details={"currency": currency}
+                "insufficient funds",
+                reason="INSUFFICIENT_FUNDS",
+                details={"currency": self.currency},
             )
-        raise Internal(
+        raise FailedPrecondition(
             "the ledger refused the transfer: " + ledger_pb2.TransferResult.Code.Name(result.code),
             reason="LEDGER_REFUSED",
         )
+
+    async def _score(self) -> None:
+        verdict = await self.peers.score(
+            fraud_pb2.ScoreRequest(
+                transaction_id=str(self.pid),
+                user_id=str(self.sender_wallet["user_id"]),
+                type="P2P_OUT",
+                amount=Money(amount=self.cmd.amount, currency=self.currency),
+                recipient_kind=fraud_pb2.RECIPIENT_KIND_USER,
+                recipient_id=str(self.recipient_wallet["user_id"]),
+                device_id=self.cmd.device_id,
+                ip=self.cmd.ip,
+                country=self.cmd.country,
+            )
+        )
+        if verdict.decision == fraud_pb2.DECISION_BLOCK:
+            # Which rule fired is never told to the payer.
+            raise TransactionDeclined("the transaction was declined")
+        if verdict.decision == fraud_pb2.DECISION_REVIEW:
+            raise Unimplemented(
+                "step-up review of a flagged transfer is not supported yet",
+                reason="REVIEW_NOT_SUPPORTED",
+            )
+
+    async def _complete(self) -> TransferOutcome:
+        """The money has moved: count the spend and record the outcome."""
+        await commit_spend(
+            self.peers,
+            self.pid,
+            self.reservation_id,
+            self.sender_wallet,
+            self.cmd.amount,
+            self.currency,
+            self.cmd.category,
+        )
+        account = self.sender_accounts[self.currency]
+        balance = (await self.peers.balances([account]))[str(account)].available
+        async with self.pool.acquire() as conn:
+            await store.complete_payment(conn, self.pid, balance)
+        log.info("transfer_completed", transfer_id=str(self.pid), amount=self.cmd.amount,
+                 currency=self.currency)  # fmt: skip
+        return TransferOutcome(self.pid, "COMPLETED", balance, self.currency)
+
+
+async def commit_spend(
+    peers: Peers,
+    pid: uuid.UUID,
+    reservation_id: str | None,
+    wallet: asyncpg.Record,
+    amount: int,
+    currency: str,
+    category: str,
+) -> None:
+    """Commits the budget spend of a payment whose money moved. The money
+    moving is final, so a budget that can no longer take the spend is logged
+    loudly for follow-up rather than undoing anything."""
     try:
-        await peers.commit(reservation.reservation_id)
+        if reservation_id is None:
+            # Reserved before a crash that lost the id: the reference finds it.
+            reservation = await peers.reserve(
+                wallet["user_id"], amount, currency, category, str(pid)
+            )
+            reservation_id = reservation.reservation_id
+        await peers.commit(reservation_id)
     except FailedPrecondition as exc:
-        # The money has moved; that is final. A reservation that expired in
-        # the meantime leaves the spend uncounted: say so loudly.
+        BUDGET_COMMIT_FAILURES.inc()
         log.error("budget_commit_failed", transfer_id=str(pid), reason=exc.reason)
 
-    balance = (await peers.balances([sender_account]))[str(sender_account)].available
+
+async def reconcile_stale_payments(
+    pool: asyncpg.Pool, peers: Peers, older_than: float = 60.0
+) -> int:
+    """Settles payments that no attempt finished (a crash, a client that gave
+    up): completes those whose money moved, fails the others and frees their
+    budget reservation."""
     async with pool.acquire() as conn:
-        await store.complete_payment(conn, pid, balance)
-    log.info("transfer_completed", transfer_id=str(pid), amount=cmd.amount, currency=currency)
-    return TransferOutcome(pid, "COMPLETED", balance, currency)
+        stale = await store.stale_payments(conn, older_than, limit=100)
+    settled = 0
+    for pid in stale:
+        async with pool.acquire() as conn:
+            if not await store.take_lease(conn, pid, LEASE_SECONDS):
+                continue
+            payment = await store.fetch_payment(conn, pid)
+            assert payment is not None
+            wallet = await store.fetch_wallet(conn, user_id=payment["sender_user_id"])
+            accounts = await store.wallet_accounts(conn, wallet["wallet_id"]) if wallet else {}
+        reservation_id = str(payment["reservation_id"]) if payment["reservation_id"] else None
+        try:
+            if await peers.lookup_transfer(pid) is not None and wallet is not None:
+                await commit_spend(
+                    peers, pid, reservation_id, wallet, payment["amount"], payment["currency"],
+                    "P2P",
+                )  # fmt: skip
+                account = accounts[payment["currency"]]
+                balance = (await peers.balances([account]))[str(account)].available
+                async with pool.acquire() as conn:
+                    await store.complete_payment(conn, pid, balance)
+                log.warning("payment_reconciled", payment_id=str(pid), outcome="COMPLETED")
+            else:
+                if reservation_id is not None:
+                    await peers.release(reservation_id)
+                async with pool.acquire() as conn:
+                    await store.fail_payment(
+                        conn, pid, "PAYMENT_ABANDONED",
+                        "the payment did not complete; nothing moved",
+                    )  # fmt: skip
+                log.warning("payment_reconciled", payment_id=str(pid), outcome="FAILED")
+            settled += 1
+        except MonetaError as exc:
+            log.warning("payment_reconcile_failed", payment_id=str(pid), reason=exc.reason)
+            async with pool.acquire() as conn:
+                await store.release_lease(conn, pid)
+    return settled
+
+
+async def reconcile_forever(pool: asyncpg.Pool, peers: Peers, every_seconds: float = 10.0) -> None:
+    while True:
+        try:
+            await reconcile_stale_payments(pool, peers)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("reconcile_failed", error=str(exc))
+        await asyncio.sleep(every_seconds)
 
 
 async def _ensure_wallet_account(

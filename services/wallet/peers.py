@@ -42,12 +42,19 @@ class Peers:
 
     # ---------------------------------------------------------------- ledger
 
-    async def create_accounts(self, accounts: Sequence[ledger_pb2.Account]) -> None:
+    async def create_accounts(
+        self, accounts: Sequence[ledger_pb2.Account], *, keep_existing: bool = False
+    ) -> None:
+        """Opens the accounts. An id taken with other fields is an error,
+        unless ``keep_existing``: then the account as it is will do."""
         response = await _call(
             self.ledger.CreateAccounts(ledger_pb2.CreateAccountsRequest(accounts=accounts))
         )
+        accepted = {ledger_pb2.AccountResult.OK, ledger_pb2.AccountResult.EXISTS}
+        if keep_existing:
+            accepted.add(ledger_pb2.AccountResult.EXISTS_WITH_DIFFERENT_FIELDS)
         for result in response.results:
-            if result.code not in (ledger_pb2.AccountResult.OK, ledger_pb2.AccountResult.EXISTS):
+            if result.code not in accepted:
                 name = ledger_pb2.AccountResult.Code.Name(result.code)
                 raise Internal(
                     f"ledger refused account {result.id}: {name}", reason="LEDGER_ACCOUNT_REFUSED"
@@ -58,6 +65,13 @@ class Peers:
             self.ledger.CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=[transfer]))
         )
         return response.results[0]
+
+    async def lookup_transfer(self, transfer_id: uuid.UUID) -> ledger_pb2.Transfer | None:
+        """The ledger's transfer with this id, if it exists: whether money moved."""
+        response: ledger_pb2.LookupTransfersResponse = await _call(
+            self.ledger.LookupTransfers(ledger_pb2.LookupTransfersRequest(ids=[str(transfer_id)]))
+        )
+        return response.transfers[0] if response.transfers else None
 
     async def balances(self, account_ids: Sequence[uuid.UUID]) -> dict[str, ledger_pb2.Balance]:
         response = await _call(

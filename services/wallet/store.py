@@ -148,10 +148,11 @@ async def claim_payment(
     amount: int,
     currency: str,
     note: str,
-) -> asyncpg.Record:
+) -> tuple[asyncpg.Record, bool]:
     """Records the payment as PROCESSING, or returns the one recorded under
-    the same idempotency key."""
-    await conn.execute(
+    the same idempotency key. The second value says whether this call
+    recorded it."""
+    status = await conn.execute(
         """
         INSERT INTO payments (payment_id, kind, sender_user_id, idempotency_key, request_hash,
                               recipient_user_id, amount, currency, note, status)
@@ -174,7 +175,48 @@ async def claim_payment(
         idempotency_key,
     )
     assert row is not None
-    return row
+    return row, status.endswith(" 1")
+
+
+async def take_lease(conn: DbConn, payment_id: uuid.UUID, seconds: float) -> bool:
+    """Leases a PROCESSING payment to this attempt; False while another
+    attempt holds it."""
+    row = await conn.fetchval(
+        """
+        UPDATE payments SET lease_until = now() + make_interval(secs => $2), updated_at = now()
+         WHERE payment_id = $1 AND status = 'PROCESSING'
+           AND (lease_until IS NULL OR lease_until < now())
+        RETURNING payment_id
+        """,
+        payment_id,
+        seconds,
+    )
+    return row is not None
+
+
+async def release_lease(conn: DbConn, payment_id: uuid.UUID) -> None:
+    await conn.execute("UPDATE payments SET lease_until = NULL WHERE payment_id = $1", payment_id)
+
+
+async def fetch_payment(conn: DbConn, payment_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1", payment_id
+    )
+
+
+async def stale_payments(conn: DbConn, older_than_seconds: float, limit: int) -> list[uuid.UUID]:
+    """PROCESSING payments no attempt has touched for a while."""
+    rows = await conn.fetch(
+        """
+        SELECT payment_id FROM payments
+         WHERE status = 'PROCESSING' AND updated_at < now() - make_interval(secs => $1)
+           AND (lease_until IS NULL OR lease_until < now())
+         ORDER BY updated_at LIMIT $2
+        """,
+        older_than_seconds,
+        limit,
+    )
+    return [r["payment_id"] for r in rows]
 
 
 async def set_payment_reservation(conn: DbConn, payment_id: uuid.UUID, reservation_id: str) -> None:
@@ -188,7 +230,8 @@ async def set_payment_reservation(conn: DbConn, payment_id: uuid.UUID, reservati
 async def complete_payment(conn: DbConn, payment_id: uuid.UUID, sender_balance: int) -> None:
     await conn.execute(
         """
-        UPDATE payments SET status = 'COMPLETED', sender_balance = $2, updated_at = now()
+        UPDATE payments SET status = 'COMPLETED', sender_balance = $2, lease_until = NULL,
+                            updated_at = now()
          WHERE payment_id = $1 AND status = 'PROCESSING'
         """,
         payment_id,
@@ -200,7 +243,7 @@ async def fail_payment(conn: DbConn, payment_id: uuid.UUID, reason: str, message
     await conn.execute(
         """
         UPDATE payments SET status = 'FAILED', failure_reason = $2, failure_message = $3,
-                            updated_at = now()
+                            lease_until = NULL, updated_at = now()
          WHERE payment_id = $1 AND status = 'PROCESSING'
         """,
         payment_id,
