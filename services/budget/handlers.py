@@ -171,7 +171,7 @@ async def sweep_expired_reservations(pool: asyncpg.Pool, every_seconds: float) -
     while True:
         try:
             await expire_reservations(pool)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("reservation_sweep_failed", error=str(exc))
         await asyncio.sleep(every_seconds)
 

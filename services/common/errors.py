@@ -157,9 +157,12 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> MonetaError:
                 reason = info.reason
                 details = dict(info.metadata)
     if reason is None:
-        # A transport failure, not a peer's answer.
-        reason = {
-            grpc.StatusCode.UNAVAILABLE: "DEPENDENCY_UNAVAILABLE",
-            grpc.StatusCode.DEADLINE_EXCEEDED: "DEPENDENCY_TIMEOUT",
-        }.get(code, cls.default_reason)
+        # A transport failure, not a peer's answer: its text names internal
+        # addresses, so it is replaced by a fixed message.
+        reason, message = {
+            grpc.StatusCode.UNAVAILABLE: ("DEPENDENCY_UNAVAILABLE", "a dependency is unavailable"),
+            grpc.StatusCode.DEADLINE_EXCEEDED: ("DEPENDENCY_TIMEOUT", "a dependency timed out"),
+            grpc.StatusCode.CANCELLED: ("CANCELLED", "the call was cancelled"),
+        }.get(code, (cls.default_reason, f"a dependency failed ({code.name})"))
+        return cls(message, reason=reason)
     return cls(exc.details() or code.name, reason=reason, details=details)

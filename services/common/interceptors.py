@@ -3,16 +3,31 @@ server; request-id propagation and deadlines on the client."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 
-from services.common.errors import Internal, MonetaError, Unimplemented, to_grpc_status
-from services.common.logging import new_request_id, request_id_var
+from services.common.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    MonetaError,
+    Unimplemented,
+    to_grpc_status,
+)
+from services.common.logging import accept_request_id, request_id_var
+
+# The caller's deadline, as event-loop time, for calls made on its behalf.
+deadline_var: ContextVar[float | None] = ContextVar("deadline", default=None)
+# The least time worth sending a call to a peer with.
+_MIN_PEER_TIMEOUT = 0.005
 
 REQUEST_ID_HEADER = "x-request-id"
 _QUIET_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -63,13 +78,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         incoming_id = _metadata_value(handler_call_details.invocation_metadata, REQUEST_ID_HEADER)
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id = incoming_id or new_request_id()
+            request_id = accept_request_id(incoming_id)
             token = request_id_var.set(request_id)
+            remaining = context.time_remaining()
+            deadline_token = deadline_var.set(
+                asyncio.get_running_loop().time() + remaining if remaining is not None else None
+            )
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             reason: str | None = None
             try:
+                if isinstance(request, Message):
+                    reject_control_characters(request)
                 return await inner(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # the caller gave up or the deadline passed
+                raise
             except MonetaError as exc:
                 code, reason = exc.status_code, exc.reason
                 await _abort(context, exc)
@@ -100,12 +124,40 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     duration_ms=round(elapsed * 1000, 3),
                 )
                 request_id_var.reset(token)
+                deadline_var.reset(deadline_token)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+# NUL and the other C0 controls (tab, newline and carriage return aside)
+# have no place in any field; PostgreSQL cannot even store NUL.
+_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r"}
+
+
+def reject_control_characters(message: Message, path: str = "") -> None:
+    """INVALID_ARGUMENT naming the first string field that holds a control
+    character, anywhere in the message."""
+    for field, value in message.ListFields():
+        name = f"{path}{field.name}"
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            items: list[object] = [v for kv in value.items() for v in kv]
+        elif field.is_repeated:
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            if isinstance(item, str) and not _CONTROL.isdisjoint(item):
+                raise InvalidArgument(
+                    f"{name} holds a control character",
+                    reason="INVALID_CHARACTERS",
+                    details={"field": name},
+                )
+            if isinstance(item, Message):
+                reject_control_characters(item, f"{name}.")
 
 
 def _is_abort(exc: Exception, context: grpc.aio.ServicerContext) -> bool:
@@ -141,11 +193,21 @@ class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[m
         request_id = request_id_var.get()
         if request_id and not any(k == REQUEST_ID_HEADER for k, _ in metadata):
             metadata.append((REQUEST_ID_HEADER, request_id))
+        timeout = (
+            client_call_details.timeout
+            if client_call_details.timeout is not None
+            else self._default_timeout
+        )
+        deadline = deadline_var.get()
+        if deadline is not None:
+            # Never wait longer for a peer than our own caller waits for us.
+            left = deadline - asyncio.get_running_loop().time()
+            if left < _MIN_PEER_TIMEOUT:
+                raise DeadlineExceeded("the request's deadline passed", reason="DEADLINE_EXCEEDED")
+            timeout = min(timeout, left)
         details = _ClientCallDetails(
             method=client_call_details.method,
-            timeout=client_call_details.timeout
-            if client_call_details.timeout is not None
-            else self._default_timeout,
+            timeout=timeout,
             metadata=grpc.aio.Metadata(*metadata),
             credentials=client_call_details.credentials,
             wait_for_ready=client_call_details.wait_for_ready,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import uuid
 from contextvars import ContextVar
@@ -19,6 +20,17 @@ def current_request_id() -> str | None:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def accept_request_id(candidate: str | None) -> str:
+    """The caller's request id if it is a sane token, a new one otherwise:
+    ids travel in headers and logs, so nothing else is let through."""
+    if candidate and _REQUEST_ID_RE.match(candidate):
+        return candidate
+    return new_request_id()
 
 
 def _add_request_id(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:

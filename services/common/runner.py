@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TypeVar
 
+import asyncpg
 import structlog
 import uvloop
 
@@ -59,7 +60,7 @@ async def migrate_when_ready(url: str, folder: Path, wait_seconds: float = 60.0)
         try:
             await migrate(url, folder)
             return
-        except (OSError, ConnectionError) as exc:
+        except (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
             if loop.time() >= deadline:
                 log.error("database_unreachable", error=str(exc))
                 raise SystemExit(1) from exc

@@ -33,7 +33,7 @@ from services.common.errors import (
 from services.common.grpc_util import ACTOR_ID_HEADER, ACTOR_ROLE_HEADER
 from services.common.infra import redis_client
 from services.common.interceptors import REQUEST_ID_HEADER, peer_channel
-from services.common.logging import new_request_id, request_id_var
+from services.common.logging import accept_request_id, request_id_var
 from services.common.money import to_major_units, to_minor_units
 from services.gateway.auth import Principal, TokenVerifier
 from services.gateway.config import GatewaySettings
@@ -326,8 +326,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def observe(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-        token = request_id_var.set(request_id[:128])
+        request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        token = request_id_var.set(request_id)
         started = time.perf_counter()
         length = request.headers.get("content-length")
         try:

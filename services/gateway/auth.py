@@ -47,7 +47,14 @@ class TokenVerifier:
             raise Unauthenticated("the token is not valid", reason="TOKEN_INVALID") from None
         role = claims.get("role", "user")
         subject = claims.get("sub")
-        if role not in ROLES or not isinstance(subject, str) or not subject.strip():
+        company = claims.get("company_id")
+        if (
+            not isinstance(role, str)
+            or role not in ROLES
+            or not isinstance(subject, str)
+            or not subject.strip()
+            or not (company is None or isinstance(company, str))
+        ):
             raise Unauthenticated("the token's claims are not valid", reason="TOKEN_INVALID")
         return Principal(
             user_id=claims["sub"], role=role, company_id=str(claims.get("company_id") or "")

@@ -17,8 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.db import MigrationError, migrate
-from services.common.errors import InvalidArgument, from_rpc_error
-from services.common.interceptors import peer_channel
+from services.common.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
+from services.common.interceptors import deadline_var, peer_channel
 from services.common.logging import request_id_var
 from services.common.server import GrpcService, serve
 from tests.conftest import TestRun
@@ -268,3 +268,39 @@ async def test_a_failing_migration_leaves_nothing_half_applied(
         await migrate(url, tmp_path)
 
     assert not {"good", "bad"} & await _tables(url)
+
+
+async def test_a_control_character_in_any_string_field_is_invalid_argument(
+    probe_server: Running,
+) -> None:
+    async with grpc.aio.insecure_channel(probe_server.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="ledger\x00"), timeout=2.0
+            )
+
+    error = from_rpc_error(raised.value)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.reason, error.details) == ("INVALID_CHARACTERS", {"field": "service"})
+
+
+async def test_a_malformed_request_id_is_replaced_by_a_fresh_one(probe_server: Running) -> None:
+    answer = await _call(probe_server.address, "RequestId", (("x-request-id", "bad id;drop"),))
+
+    assert answer != b"bad id;drop"
+    assert len(answer) == 32 and int(answer, 16) >= 0
+
+
+async def test_a_call_on_behalf_of_an_expired_caller_is_not_sent(probe_server: Running) -> None:
+    token = deadline_var.set(asyncio.get_running_loop().time() - 1)
+    try:
+        async with peer_channel(probe_server.address, timeout=2.0) as channel:
+            rpc = channel.unary_unary(
+                f"/{SERVICE}/RequestId",
+                request_serializer=_identity,
+                response_deserializer=_identity,
+            )
+            with pytest.raises(DeadlineExceeded):
+                await rpc(b"")
+    finally:
+        deadline_var.reset(token)

@@ -168,8 +168,16 @@ def test_transport_deadline_without_details_is_a_dependency_timeout() -> None:
     assert (type(error), error.reason) == (DeadlineExceeded, "DEPENDENCY_TIMEOUT")
 
 
-def test_error_without_a_message_is_named_by_its_code() -> None:
-    assert from_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE)).message == "UNAVAILABLE"
+def test_transport_failure_text_is_replaced_so_no_internal_address_leaks() -> None:
+    error = from_rpc_error(
+        rpc_error(
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: ipv4:10.0.0.7:50051: refused",
+        )
+    )
+
+    assert error.message == "a dependency is unavailable"
+    assert "10.0.0.7" not in str(error)
 
 
 def test_unmapped_code_becomes_internal() -> None:
