@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+import enum
+from typing import TypeVar
 
 import asyncpg
 import grpc
@@ -11,8 +12,9 @@ from moneta.budget.v1 import budget_pb2 as pb
 from moneta.budget.v1 import budget_pb2_grpc
 from moneta.common.v1.money_pb2 import Money
 from services.budget import handlers
+from services.budget.domain import Mode, PeriodType, Rollover
 from services.common.errors import InvalidArgument
-from services.common.grpc_util import actor_id, timestamp
+from services.common.grpc_util import actor_id, from_timestamp, timestamp
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BudgetService"].full_name
 
@@ -55,6 +57,24 @@ def reservation_to_pb(row: asyncpg.Record) -> pb.Reservation:
     )
 
 
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+def _enum(kind: type[E], value: int, field: str, default: E | None = None) -> E:
+    """The enum member for a wire value: ``default`` for UNSPECIFIED (which
+    is refused when there is none), INVALID_ARGUMENT for values the contract
+    does not define."""
+    if value == 0 and default is not None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"{field} must be one of {', '.join(m.name for m in kind)}",
+            reason=f"INVALID_{field.upper()}",
+        ) from None
+
+
 class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
     def __init__(self, pool: asyncpg.Pool, default_ttl_seconds: int) -> None:
         self._pool = pool
@@ -66,8 +86,9 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
         b = request.budget
         if not (b.HasField("start_date") and b.HasField("end_date")):
             raise InvalidArgument("start_date and end_date are required", reason="INVALID_PERIOD")
-        if b.period_type == pb.PERIOD_TYPE_UNSPECIFIED:
-            raise InvalidArgument("period_type is required", reason="INVALID_PERIOD_TYPE")
+        period_type = _enum(PeriodType, b.period_type, "period_type")
+        mode = _enum(Mode, b.mode, "mode", Mode.HARD)
+        rollover = _enum(Rollover, b.rollover, "rollover", Rollover.RESET)
         values = {
             "user_id": b.user_id,
             "wallet_id": b.wallet_id,
@@ -75,11 +96,11 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
             "category": b.category or "ALL",
             "currency": b.currency,
             "total_amount": b.total_amount,
-            "period_type": b.period_type,
-            "start_date": b.start_date.ToDatetime(tzinfo=UTC),
-            "end_date": b.end_date.ToDatetime(tzinfo=UTC),
-            "mode": b.mode or pb.BUDGET_MODE_HARD,
-            "rollover": b.rollover or pb.ROLLOVER_POLICY_RESET,
+            "period_type": int(period_type),
+            "start_date": from_timestamp(b.start_date, "start_date"),
+            "end_date": from_timestamp(b.end_date, "end_date"),
+            "mode": int(mode),
+            "rollover": int(rollover),
             "thresholds": list(b.thresholds) or [80, 100],
         }
         row = await handlers.create_budget(self._pool, values, actor_id(context))

@@ -14,6 +14,19 @@ CATEGORIES = frozenset(
 )
 
 
+class PeriodType(enum.IntEnum):
+    WEEKLY = 1
+    MONTHLY = 2
+    QUARTERLY = 3
+    YEARLY = 4
+    ONE_TIME = 5
+
+
+class Rollover(enum.IntEnum):
+    RESET = 1
+    ROLLOVER = 2
+
+
 class Mode(enum.IntEnum):
     HARD = 1
     SOFT = 2

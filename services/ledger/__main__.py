@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,13 +26,19 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
         settings.database_url("ledger"), settings.db_pool_min, settings.db_pool_max
     )
     try:
-        async with pool.acquire() as conn:
-            await store.ensure_entry_partitions(conn)
         engine = TransferEngine(pool)
         api = LedgerApi(pool, engine)
 
         async def sweep() -> None:
             await engine_module.sweep_expired_holds(pool, engine)
+
+        async def partitions() -> None:
+            # Months are added well ahead, so entries never land in the
+            # default partition (which would block adding their month).
+            while True:
+                async with pool.acquire() as conn:
+                    await store.ensure_entry_partitions(conn, months_ahead=3)
+                await asyncio.sleep(6 * 3600)
 
         yield configured_service(
             settings,
@@ -43,7 +50,7 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.ledger_metrics_port,
-            background=[engine.run, sweep],
+            background=[engine.run, sweep, partitions],
         )
     finally:
         await pool.close()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any, cast
+from datetime import datetime
+from typing import cast
 
 import asyncpg
 import grpc
 
 from moneta.ledger.v1 import ledger_pb2 as pb
 from moneta.ledger.v1 import ledger_pb2_grpc
-from services.common.grpc_util import timestamp
+from services.common.grpc_util import optional_timestamp, timestamp
 from services.ledger import handlers
 from services.ledger.domain import (
     AccountSpec,
@@ -81,7 +81,7 @@ def transfer_from_pb(t: pb.Transfer) -> TransferSpec:
         timeout_seconds=t.timeout_seconds,
         code=t.code,
         metadata=dict(t.metadata),
-        effective_at=t.effective_at.ToDatetime(tzinfo=UTC) if t.HasField("effective_at") else None,
+        effective_at=optional_timestamp(t, "effective_at"),
     )
 
 
@@ -106,10 +106,6 @@ def account_to_pb(row: asyncpg.Record) -> pb.Account:
         balance=balance_to_pb(account_state(row)),
         created_at=timestamp(row["created_at"]),
     )
-
-
-def _time(request: Any, name: str) -> datetime | None:
-    return getattr(request, name).ToDatetime(tzinfo=UTC) if request.HasField(name) else None
 
 
 class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
@@ -157,7 +153,7 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetBalances(
         self, request: pb.GetBalancesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetBalancesResponse:
-        as_of = request.as_of.ToDatetime(tzinfo=UTC) if request.HasField("as_of") else None
+        as_of = optional_timestamp(request, "as_of")
         states, at = await handlers.get_balances(self._pool, list(request.account_ids), as_of)
         return pb.GetBalancesResponse(balances=[balance_to_pb(s, at) for s in states])
 
@@ -178,8 +174,8 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> pb.ListTransfersResponse:
         query = handlers.TransferQuery(
             account_id=request.account_id,
-            start=_time(request, "start_time"),
-            end=_time(request, "end_time"),
+            start=optional_timestamp(request, "start_time"),
+            end=optional_timestamp(request, "end_time"),
             code=request.code or None,
             min_amount=request.min_amount or None,
             max_amount=request.max_amount or None,
@@ -198,8 +194,8 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
         page, token = await handlers.list_entries(
             self._pool,
             request.account_id,
-            _time(request, "start_time"),
-            _time(request, "end_time"),
+            optional_timestamp(request, "start_time"),
+            optional_timestamp(request, "end_time"),
             request.page_size,
             request.page_token,
         )

@@ -54,7 +54,8 @@ async def create_accounts(
 ) -> list[tuple[str, AccountCode]]:
     check_batch_size(len(specs))
     validated = [validate_account(s) for s in specs]
-    wanted = [v for v in validated if isinstance(v, NewAccount)]
+    # In id order, as transfers lock them: concurrent batches never deadlock.
+    wanted = sorted((v for v in validated if isinstance(v, NewAccount)), key=lambda a: a.id)
     async with pool.acquire() as conn, conn.transaction():
         inserted = await store.insert_accounts(conn, wanted)
         rows = await store.fetch_accounts(conn, [a.id for a in wanted])

@@ -809,3 +809,55 @@ async def test_a_negative_ttl_is_refused_and_nothing_is_reserved(
             )
             == 0
         )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("mode", 7, "INVALID_MODE"),
+        ("period_type", 9, "INVALID_PERIOD_TYPE"),
+        ("rollover", 5, "INVALID_ROLLOVER"),
+    ],
+)
+async def test_enum_values_outside_the_contract_are_refused_over_grpc(
+    budget_pool: asyncpg.Pool, field: str, value: int, reason: str
+) -> None:
+    from moneta.budget.v1 import budget_pb2
+    from services.budget.api import BudgetApi
+
+    budget = budget_pb2.Budget(
+        user_id=str(uuid.uuid4()), category="ALL", currency="USD", total_amount=100,
+        period_type=budget_pb2.PERIOD_TYPE_MONTHLY,
+    )  # fmt: skip
+    budget.start_date.FromSeconds(1_700_000_000)
+    budget.end_date.FromSeconds(1_800_000_000)
+    setattr(budget, field, value)
+
+    with pytest.raises(InvalidArgument) as raised:
+        await BudgetApi(budget_pool, 60).CreateBudget(  # type: ignore[abstract]
+            budget_pb2.CreateBudgetRequest(budget=budget), context=None
+        )
+
+    assert raised.value.reason == reason
+
+
+async def test_a_timestamp_beyond_year_9999_is_refused_over_grpc(budget_pool: asyncpg.Pool) -> None:
+    from moneta.budget.v1 import budget_pb2
+    from services.budget.api import BudgetApi
+
+    budget = budget_pb2.Budget(
+        user_id=str(uuid.uuid4()), category="ALL", currency="USD", total_amount=100,
+        period_type=budget_pb2.PERIOD_TYPE_MONTHLY,
+    )  # fmt: skip
+    budget.start_date.FromSeconds(1_700_000_000)
+    budget.end_date.seconds = 2**40
+
+    with pytest.raises(InvalidArgument) as raised:
+        await BudgetApi(budget_pool, 60).CreateBudget(  # type: ignore[abstract]
+            budget_pb2.CreateBudgetRequest(budget=budget), context=None
+        )
+
+    assert (raised.value.reason, raised.value.details) == (
+        "INVALID_TIMESTAMP",
+        {"field": "end_date"},
+    )
