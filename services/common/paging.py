@@ -12,7 +12,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from services.common.errors import InvalidArgument
@@ -42,6 +42,13 @@ def decode_cursor(token: str, key_type: Callable[[str], K]) -> tuple[datetime, K
     try:
         padded = token + "=" * (-len(token) % 4)
         at, key = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        return datetime.fromisoformat(at), key_type(key)
-    except (ValueError, TypeError, AttributeError, binascii.Error):
+        moment = datetime.fromisoformat(at)
+        if moment.tzinfo is None:
+            raise ValueError("a cursor's time has a zone")
+        moment = moment.astimezone(UTC)  # out of range in UTC raises here
+        parsed = key_type(key)
+        if isinstance(parsed, int) and not -(2**63) <= parsed < 2**63:
+            raise ValueError("a cursor's key is an int64")
+        return moment, parsed
+    except (ValueError, TypeError, AttributeError, OverflowError, binascii.Error):
         raise InvalidArgument("page_token is not valid", reason="INVALID_PAGE_TOKEN") from None

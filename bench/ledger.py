@@ -1,0 +1,341 @@
+"""The ledger benchmark: transfers per second and latency, ours against a
+naive baseline, on the same database in the same run.
+
+    make bench-ledger            (python -m bench.ledger --help for the knobs)
+
+Ours is the real ledger service over gRPC (group commit, single writer).
+The baseline is what most ledgers start as: one database transaction per
+transfer that locks both accounts in id order, then two UPDATEs and three
+INSERTs (the transfer and its two entries), driven straight from asyncpg by
+as many concurrent connections as we have clients.
+
+Scenarios: (a) the batch API, batches of 1,000; (b) single-transfer RPCs from
+64 concurrent clients over 100,000 accounts; (c) the same over 10 hot
+accounts. Each is run several times; the medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+from moneta.ledger.v1 import ledger_pb2 as pb
+from moneta.ledger.v1 import ledger_pb2_grpc
+
+from bench.common import (
+    bench_settings,
+    drop_databases,
+    machine,
+    median,
+    percentile,
+    running_service,
+    write_results,
+)
+from services.common.db import migrate
+from services.ledger.__main__ import MIGRATIONS
+
+PREFIX = "moneta_bench_"
+OK_CODES = (pb.TransferResult.OK, pb.TransferResult.EXISTS)
+TARGETS = {
+    "a_batch_api": {"ours_tps": 10_000},
+    "b_single_cold": {"ours_tps": 2_500, "ratio": 2.0},
+    "c_single_hot": {"ratio": 4.0},
+}
+
+Pair = tuple[str, str, int]  # debit, credit, amount
+
+
+@dataclass
+class Measure:
+    transfers: int
+    seconds: float
+    latencies_ms: list[float]
+    refused: int = 0
+
+    @property
+    def tps(self) -> float:
+        return self.transfers / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "transfers_per_s": round(self.tps, 1),
+            "p50_ms": round(percentile(self.latencies_ms, 50), 2),
+            "p99_ms": round(percentile(self.latencies_ms, 99), 2),
+            "transfers": self.transfers,
+            "refused": self.refused,
+        }
+
+
+def pairs(accounts: Sequence[str], count: int, rng: random.Random) -> list[Pair]:
+    out = []
+    for _ in range(count):
+        debit, credit = rng.sample(accounts, 2)
+        out.append((debit, credit, rng.randint(1, 100)))
+    return out
+
+
+def transfer(pair: Pair) -> pb.Transfer:
+    return pb.Transfer(
+        id=str(uuid.uuid4()),
+        debit_account_id=pair[0],
+        credit_account_id=pair[1],
+        amount=pair[2],
+        currency="USD",
+        code="BENCH",
+    )
+
+
+async def _run_clients(
+    clients: int, work: Sequence[Any], send: Callable[[Any], Awaitable[int]]
+) -> tuple[float, list[float], int]:
+    """Runs ``work`` items through ``clients`` concurrent workers; returns
+    elapsed seconds, per-item latencies and how many transfers were refused."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for item in work:
+        queue.put_nowait(item)
+    latencies: list[float] = []
+    refused = 0
+
+    async def worker() -> None:
+        nonlocal refused
+        while not queue.empty():
+            item = queue.get_nowait()
+            started = time.perf_counter()
+            refused += await send(item)
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return time.perf_counter() - started, latencies, refused
+
+
+async def ours(
+    stub: ledger_pb2_grpc.LedgerServiceStub, batches: Sequence[Sequence[Pair]], clients: int
+) -> Measure:
+    async def send(batch: Sequence[Pair]) -> int:
+        response = await stub.CreateTransfers(
+            pb.CreateTransfersRequest(transfers=[transfer(p) for p in batch]), timeout=60
+        )
+        return sum(1 for r in response.results if r.code not in OK_CODES)
+
+    seconds, latencies, refused = await _run_clients(clients, batches, send)
+    return Measure(sum(len(b) for b in batches), seconds, latencies, refused)
+
+
+async def baseline(pool: asyncpg.Pool, work: Sequence[Pair], clients: int) -> Measure:
+    """One database transaction per transfer: lock both accounts in id
+    order, two UPDATEs, three INSERTs."""
+
+    async def send(pair: Pair) -> int:
+        debit, credit, amount = uuid.UUID(pair[0]), uuid.UUID(pair[1]), pair[2]
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT id, debits_posted, debits_pending, credits_posted, overdraft_limit,"
+                " no_overdraft FROM accounts WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
+                [debit, credit],
+            )
+            payer = next(r for r in rows if r["id"] == debit)
+            if payer["no_overdraft"] and (
+                payer["debits_posted"] + payer["debits_pending"] + amount
+                > payer["credits_posted"] + payer["overdraft_limit"]
+            ):
+                return 1
+            debit_after = await conn.fetchval(
+                "UPDATE accounts SET debits_posted = debits_posted + $2 WHERE id = $1"
+                " RETURNING credits_posted - debits_posted",
+                debit,
+                amount,
+            )
+            credit_after = await conn.fetchval(
+                "UPDATE accounts SET credits_posted = credits_posted + $2 WHERE id = $1"
+                " RETURNING credits_posted - debits_posted",
+                credit,
+                amount,
+            )
+            transfer_id = uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency,"
+                " type, status, code) VALUES ($1, $2, $3, $4, 'USD', 1, 1, 'BASELINE')",
+                transfer_id,
+                debit,
+                credit,
+                amount,
+            )
+            for account, side, after in ((debit, 1, debit_after), (credit, 2, credit_after)):
+                await conn.execute(
+                    "INSERT INTO entries (transfer_id, account_id, side, amount, currency,"
+                    " balance_after, code, created_at) VALUES ($1, $2, $3, $4, 'USD', $5,"
+                    " 'BASELINE', now())",
+                    transfer_id,
+                    account,
+                    side,
+                    amount,
+                    after,
+                )
+        return 0
+
+    seconds, latencies, refused = await _run_clients(clients, work, send)
+    return Measure(len(work), seconds, latencies, refused)
+
+
+async def create_accounts(
+    stub: ledger_pb2_grpc.LedgerServiceStub, count: int, funding: str, balance: int
+) -> list[str]:
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    for start in range(0, count, 8000):
+        chunk = ids[start : start + 8000]
+        await stub.CreateAccounts(
+            pb.CreateAccountsRequest(
+                accounts=[
+                    pb.Account(
+                        id=i, currency="USD", type=pb.ACCOUNT_TYPE_USER_WALLET, no_overdraft=True
+                    )
+                    for i in chunk
+                ]
+            ),
+            timeout=120,
+        )
+        response = await stub.CreateTransfers(
+            pb.CreateTransfersRequest(
+                transfers=[transfer((funding, i, balance)) for i in chunk]
+            ),
+            timeout=120,
+        )
+        assert all(r.code == pb.TransferResult.OK for r in response.results)
+    return ids
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = bench_settings(PREFIX)
+    await drop_databases(settings, PREFIX)
+    url = settings.database_url("ledger")
+    await migrate(url, MIGRATIONS)
+    rng = random.Random(7)
+    results: dict[str, Any] = {"machine": machine(), "runs": args.runs, "scenarios": {}}
+    with running_service("ledger", PREFIX, MONETA_DB_POOL_MAX="4") as ledger:
+        async with grpc.aio.insecure_channel(
+            ledger.address, options=[("grpc.max_send_message_length", 64 << 20)]
+        ) as channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            funding = str(uuid.uuid4())
+            await stub.CreateAccounts(
+                pb.CreateAccountsRequest(
+                    accounts=[pb.Account(id=funding, currency="USD", type=pb.ACCOUNT_TYPE_EXTERNAL)]
+                )
+            )
+            print(f"creating and funding {args.accounts:,} cold and 10 hot accounts …")
+            cold = await create_accounts(stub, args.accounts, funding, 10**9)
+            hot = await create_accounts(stub, 10, funding, 10**12)
+            pool = await asyncpg.create_pool(url, min_size=args.clients, max_size=args.clients)
+            assert pool is not None
+            try:
+                scenarios: dict[str, tuple[list[Pair], int, int]] = {
+                    # name: (accounts' pairs, batch size, clients)
+                    "a_batch_api": (pairs(cold, args.batch_transfers, rng), 1000, 4),
+                    "b_single_cold": (pairs(cold, args.single_transfers, rng), 1, args.clients),
+                    "c_single_hot": (pairs(hot, args.single_transfers, rng), 1, args.clients),
+                }
+                for name, (work, size, clients) in scenarios.items():
+                    runs_ours, runs_base = [], []
+                    for attempt in range(args.runs):
+                        batches = [work[i : i + size] for i in range(0, len(work), size)]
+                        runs_ours.append(await ours(stub, batches, clients))
+                        base_work = work[: args.baseline_transfers]
+                        runs_base.append(await baseline(pool, base_work, args.clients))
+                        print(
+                            f"  {name} run {attempt + 1}: ours {runs_ours[-1].tps:,.0f}/s,"
+                            f" baseline {runs_base[-1].tps:,.0f}/s"
+                        )
+                    results["scenarios"][name] = summarise(
+                        name, runs_ours, runs_base, clients, args.clients
+                    )
+                verify = await stub.VerifyLedger(pb.VerifyLedgerRequest(), timeout=600)
+                results["verify_ok"] = verify.ok
+            finally:
+                await pool.close()
+    await drop_databases(settings, PREFIX)
+    return results
+
+
+def summarise(
+    name: str,
+    ours_runs: list[Measure],
+    base_runs: list[Measure],
+    clients: int,
+    base_clients: int,
+) -> dict[str, Any]:
+    """Medians over the runs; latency percentiles from the median run."""
+
+    def mid(runs: list[Measure]) -> Measure:
+        return sorted(runs, key=lambda m: m.tps)[len(runs) // 2]
+
+    ours_mid, base_mid = mid(ours_runs), mid(base_runs)
+    ours_tps = median([m.tps for m in ours_runs])
+    base_tps = median([m.tps for m in base_runs])
+    target = TARGETS.get(name, {})
+    ratio = ours_tps / base_tps if base_tps else 0.0
+    return {
+        "clients": clients,
+        "baseline_connections": base_clients,
+        "ours": {**ours_mid.summary(), "transfers_per_s": round(ours_tps, 1)},
+        "baseline": {**base_mid.summary(), "transfers_per_s": round(base_tps, 1)},
+        "ratio": round(ratio, 2),
+        "per_run_tps": {
+            "ours": [round(m.tps, 1) for m in ours_runs],
+            "baseline": [round(m.tps, 1) for m in base_runs],
+        },
+        "target": target,
+        "meets_target": all(
+            (ours_tps >= v if k == "ours_tps" else ratio >= v) for k, v in target.items()
+        ),
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    header = (
+        f"{'scenario':<16}{'ours/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'base/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}  target"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, s in results["scenarios"].items():
+        o, b = s["ours"], s["baseline"]
+        target = ", ".join(f"{k} ≥ {v:,}" for k, v in s["target"].items())
+        mark = "met" if s["meets_target"] else "MISSED"
+        print(
+            f"{name:<16}{o['transfers_per_s']:>10,.0f}{o['p50_ms']:>9.2f}{o['p99_ms']:>9.2f}"
+            f"{b['transfers_per_s']:>10,.0f}{b['p50_ms']:>9.2f}{b['p99_ms']:>9.2f}"
+            f"{s['ratio']:>8.2f}  {target} ({mark})"
+        )
+    print(f"VerifyLedger after the run: {'ok' if results.get('verify_ok') else 'FAILED'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--accounts", type=int, default=100_000)
+    parser.add_argument("--batch-transfers", type=int, default=40_000)
+    parser.add_argument("--single-transfers", type=int, default=12_000)
+    parser.add_argument("--baseline-transfers", type=int, default=6_000)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    results["config"] = {k: v for k, v in vars(args).items()}
+    path = write_results("ledger", results)
+    print()
+    print_table(results)
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()
+
+
