@@ -95,3 +95,7 @@ clean: ## Remove generated code and caches (keeps .venv).
 .PHONY: demo
 demo: protos ## Seed demo users on a running mesh (make run) and print curl commands.
 	@$(PY) deploy/local/demo.py
+
+.PHONY: bench-ledger
+bench-ledger: protos infra ## The ledger benchmark: ours against a naive baseline (bench/results/ledger.json).
+	$(PY) -m bench.ledger

@@ -44,7 +44,7 @@ from services.ledger.__main__ import MIGRATIONS
 
 PREFIX = "moneta_bench_"
 OK_CODES = (pb.TransferResult.OK, pb.TransferResult.EXISTS)
-TARGETS = {
+TARGETS: dict[str, dict[str, float]] = {
     "a_batch_api": {"ours_tps": 10_000},
     "b_single_cold": {"ours_tps": 2_500, "ratio": 2.0},
     "c_single_hot": {"ratio": 4.0},
@@ -280,7 +280,7 @@ def summarise(
     ours_mid, base_mid = mid(ours_runs), mid(base_runs)
     ours_tps = median([m.tps for m in ours_runs])
     base_tps = median([m.tps for m in base_runs])
-    target = TARGETS.get(name, {})
+    target: dict[str, float] = TARGETS.get(name, {})
     ratio = ours_tps / base_tps if base_tps else 0.0
     return {
         "clients": clients,

@@ -3,6 +3,7 @@ databases, readiness awaited, SIGTERM (or SIGKILL) to stop."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -22,6 +23,16 @@ SERVICE_NAMES = {
     "budget": "moneta.budget.v1.BudgetService",
     "fraud": "moneta.fraud.v1.FraudService",
 }
+
+
+def die_with_parent() -> None:
+    """Runs in the child before exec: if the test process dies (even by
+    SIGKILL), the kernel sends the service SIGTERM, so no service outlives
+    its test run."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -52,6 +63,7 @@ class ServiceProcess:
             env=self.env,
             stdout=self.log_path.open("ab"),
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         self.wait_ready(wait_seconds)
 

@@ -19,12 +19,15 @@ Kinds of transfer:
 
 from __future__ import annotations
 
+import copy
 import enum
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
+
+from asyncpg.pgproto.pgproto import UUID as FastUUID  # a C uuid.UUID: parses and hashes fast
 
 from services.common.money import CURRENCY_EXPONENTS
 
@@ -355,8 +358,8 @@ class TransferOutcome:
 
 def _uuid_or_none(raw: str) -> uuid.UUID | None:
     try:
-        return uuid.UUID(raw)
-    except ValueError:
+        return FastUUID(raw)
+    except (ValueError, TypeError):
         return None
 
 
@@ -538,7 +541,10 @@ class LedgerBatch:
         existing: Mapping[uuid.UUID, Transfer],
         now: datetime,
     ) -> None:
-        self._states = {aid: replace(state) for aid, state in accounts.items()}
+        # Account states are copied when first changed, so that the caller's
+        # mapping is never modified and untouched accounts cost nothing.
+        self._originals = accounts
+        self._states: dict[uuid.UUID, AccountState] = {}
         self._existing = existing
         self._now = now
         self._created: dict[uuid.UUID, Transfer] = {}
@@ -551,6 +557,15 @@ class LedgerBatch:
         self._chain: _ChainLog | None = None
 
     # -- reading state
+
+    def _state(self, aid: uuid.UUID) -> AccountState | None:
+        state = self._states.get(aid)
+        if state is None:
+            original = self._originals.get(aid)
+            if original is None:
+                return None
+            state = self._states[aid] = copy.copy(original)
+        return state
 
     def _transfer(self, tid: uuid.UUID) -> Transfer | None:
         return self._created.get(tid) or self._updated.get(tid) or self._existing.get(tid)
@@ -628,8 +643,8 @@ class LedgerBatch:
     def _accounts(
         self, request: Request, debit_id: uuid.UUID, credit_id: uuid.UUID, currency: str
     ) -> tuple[AccountState, AccountState] | TransferCode:
-        debit = self._states.get(debit_id)
-        credit = self._states.get(credit_id)
+        debit = self._state(debit_id)
+        credit = self._state(credit_id)
         if debit is None or credit is None:
             return TransferCode.ACCOUNT_NOT_FOUND
         if debit.closed or credit.closed:
@@ -778,8 +793,9 @@ class LedgerBatch:
         self, pending: Transfer, status: TransferStatus, *, undoable: bool = True
     ) -> Transfer:
         """Takes a hold off both accounts and gives it its final status."""
-        debit = self._states[pending.debit_account_id]
-        credit = self._states[pending.credit_account_id]
+        debit = self._state(pending.debit_account_id)
+        credit = self._state(pending.credit_account_id)
+        assert debit is not None and credit is not None  # a hold's accounts exist
         if undoable:
             self._save(debit, credit)
             self._save_transfer(pending)

@@ -21,6 +21,7 @@ import pytest
 from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.gateway.auth import TokenVerifier
 from tests.conftest import ROOT, TestRun
+from tests.processes import die_with_parent
 
 GRPC_SERVICES = ("ledger", "wallet", "budget", "fraud")
 JWT_SECRET = "e2e-test-secret-0123456789abcdef0123456789"
@@ -106,6 +107,7 @@ def mesh(test_run: TestRun, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 env=env,
                 stdout=log_path.open("wb"),
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
         _wait_ready(mesh)
         yield mesh
