@@ -99,21 +99,32 @@ async def drop_databases(settings: CommonSettings, prefix: str) -> None:
 
 
 @contextmanager
-def running_service(name: str, prefix: str, **settings: str) -> Iterator[ServiceProcess]:
-    """The service as a real process, on databases named with ``prefix``."""
+def running_service(
+    name: str, prefix: str, replicas: int = 1, **settings: str
+) -> Iterator[ServiceProcess]:
+    """The service as real processes on databases named with ``prefix``:
+    ``replicas`` of them share one port (SO_REUSEPORT), as replicas of a
+    deployment would share a Service."""
     base = CommonSettings()
     env = {
         "MONETA_POSTGRES_URL": base.postgres_url,
         "MONETA_DB_PREFIX": prefix,
         "MONETA_LOG_LEVEL": "WARNING",
+        "MONETA_GRPC_REUSE_PORT": "true" if replicas > 1 else "false",
         **settings,
     }
     with tempfile.TemporaryDirectory() as logs:
-        process = service_process(name, env, Path(logs))
-        process.start()
+        first = service_process(name, env, Path(logs))
+        processes = [first] + [
+            ServiceProcess(name, first.env, Path(logs) / f"{name}-{i}.log", first.port)
+            for i in range(1, replicas)
+        ]
         try:
-            yield process
+            for process in processes:
+                process.start()
+            yield first
         finally:
-            process.stop()
-            if process.process is not None and process.process.returncode not in (0, None):
-                sys.stderr.write(Path(logs, f"{name}.log").read_text()[-2000:])
+            for process in processes:
+                process.stop()
+                if process.process is not None and process.process.returncode not in (0, None):
+                    sys.stderr.write(process.log_path.read_text()[-2000:])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import time
 import uuid
@@ -27,8 +28,6 @@ from typing import Any
 
 import asyncpg
 import grpc
-from moneta.ledger.v1 import ledger_pb2 as pb
-from moneta.ledger.v1 import ledger_pb2_grpc
 
 from bench.common import (
     bench_settings,
@@ -39,6 +38,8 @@ from bench.common import (
     running_service,
     write_results,
 )
+from moneta.ledger.v1 import ledger_pb2 as pb
+from moneta.ledger.v1 import ledger_pb2_grpc
 from services.common.db import migrate
 from services.ledger.__main__ import MIGRATIONS
 
@@ -118,9 +119,14 @@ async def _run_clients(
 
 
 async def ours(
-    stub: ledger_pb2_grpc.LedgerServiceStub, batches: Sequence[Sequence[Pair]], clients: int
+    stubs: Sequence[ledger_pb2_grpc.LedgerServiceStub],
+    batches: Sequence[Sequence[Pair]],
+    clients: int,
 ) -> Measure:
+    turn = itertools.count()
+
     async def send(batch: Sequence[Pair]) -> int:
+        stub = stubs[next(turn) % len(stubs)]
         response = await stub.CreateTransfers(
             pb.CreateTransfersRequest(transfers=[transfer(p) for p in batch]), timeout=60
         )
@@ -204,9 +210,7 @@ async def create_accounts(
             timeout=120,
         )
         response = await stub.CreateTransfers(
-            pb.CreateTransfersRequest(
-                transfers=[transfer((funding, i, balance)) for i in chunk]
-            ),
+            pb.CreateTransfersRequest(transfers=[transfer((funding, i, balance)) for i in chunk]),
             timeout=120,
         )
         assert all(r.code == pb.TransferResult.OK for r in response.results)
@@ -220,11 +224,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await migrate(url, MIGRATIONS)
     rng = random.Random(7)
     results: dict[str, Any] = {"machine": machine(), "runs": args.runs, "scenarios": {}}
-    with running_service("ledger", PREFIX, MONETA_DB_POOL_MAX="4") as ledger:
-        async with grpc.aio.insecure_channel(
-            ledger.address, options=[("grpc.max_send_message_length", 64 << 20)]
-        ) as channel:
-            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+    with running_service(
+        "ledger", PREFIX, replicas=args.replicas, MONETA_DB_POOL_MAX="4"
+    ) as ledger:
+        # Several connections, so that the kernel spreads them over the replicas.
+        channels = [
+            grpc.aio.insecure_channel(
+                ledger.address,
+                options=[
+                    ("grpc.max_send_message_length", 64 << 20),
+                    ("grpc.use_local_subchannel_pool", 1),
+                ],
+            )
+            for _ in range(args.channels)
+        ]
+        try:
+            stubs = [ledger_pb2_grpc.LedgerServiceStub(c) for c in channels]
+            stub = stubs[0]
             funding = str(uuid.uuid4())
             await stub.CreateAccounts(
                 pb.CreateAccountsRequest(
@@ -247,7 +263,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     runs_ours, runs_base = [], []
                     for attempt in range(args.runs):
                         batches = [work[i : i + size] for i in range(0, len(work), size)]
-                        runs_ours.append(await ours(stub, batches, clients))
+                        runs_ours.append(await ours(stubs, batches, clients))
                         base_work = work[: args.baseline_transfers]
                         runs_base.append(await baseline(pool, base_work, args.clients))
                         print(
@@ -261,6 +277,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["verify_ok"] = verify.ok
             finally:
                 await pool.close()
+        finally:
+            for channel in channels:
+                await channel.close()
     await drop_databases(settings, PREFIX)
     return results
 
@@ -326,6 +345,8 @@ def main() -> None:
     parser.add_argument("--baseline-transfers", type=int, default=6_000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--replicas", type=int, default=2, help="ledger processes on one port")
+    parser.add_argument("--channels", type=int, default=8, help="client connections")
     args = parser.parse_args()
     results = asyncio.run(run(args))
     results["config"] = {k: v for k, v in vars(args).items()}
@@ -337,5 +358,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-

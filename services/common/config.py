@@ -43,6 +43,8 @@ class CommonSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     grpc_host: str = "0.0.0.0"
+    # Lets several replicas of a service on one host share its port.
+    grpc_reuse_port: bool = False
     metrics_host: str = "0.0.0.0"
     # How long a stopping service lets in-flight calls finish.
     shutdown_grace_seconds: float = 10.0

@@ -63,6 +63,8 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
     ]
     structlog.configure(
         processors=[
+            # Events below the level are dropped before any work is done.
+            structlog.stdlib.filter_by_level,
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,

@@ -55,6 +55,7 @@ class GrpcService:
     metrics_host: str = "0.0.0.0"
     grace_seconds: float = 10.0
     readiness_interval_seconds: float = 2.0
+    reuse_port: bool = False
     # Long-running tasks (relays, consumers, sweepers), cancelled on stop.
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
 
@@ -84,6 +85,7 @@ def configured_service(
         grace_seconds=settings.shutdown_grace_seconds,
         readiness_interval_seconds=settings.readiness_interval_seconds,
         background=background,
+        reuse_port=settings.grpc_reuse_port,
     )
 
 
@@ -116,7 +118,9 @@ async def serve(service: GrpcService, stop: asyncio.Event | None = None) -> None
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
+            # With reuse on, several replicas on one host share the port and
+            # the kernel spreads connections among them.
+            ("grpc.so_reuseport", 1 if service.reuse_port else 0),
         ],
     )
     service.register(server)

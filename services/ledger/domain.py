@@ -19,7 +19,6 @@ Kinds of transfer:
 
 from __future__ import annotations
 
-import copy
 import enum
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -207,6 +206,13 @@ class AccountState:
             self.debits_posted + self.debits_pending + amount
             <= self.credits_posted + self.overdraft_limit
         )
+
+    def clone(self) -> AccountState:
+        return AccountState(
+            self.id, self.currency, self.normal_side, self.no_overdraft, self.overdraft_limit,
+            self.closed, self.debits_posted, self.credits_posted, self.debits_pending,
+            self.credits_pending,
+        )  # fmt: skip
 
     def refuses_closing(self) -> str | None:
         """Why the account cannot be closed now, or None."""
@@ -564,7 +570,7 @@ class LedgerBatch:
             original = self._originals.get(aid)
             if original is None:
                 return None
-            state = self._states[aid] = copy.copy(original)
+            state = self._states[aid] = original.clone()
         return state
 
     def _transfer(self, tid: uuid.UUID) -> Transfer | None:

@@ -123,7 +123,9 @@ async def apply_items(
                 accounts = await store.lock_accounts(conn, account_ids(specs, referenced.values()))
                 existing = await store.fetch_transfers(conn, transfer_ids(specs))
                 existing.update(referenced)
-                now: datetime = await conn.fetchval("SELECT now()")
+                # The writer's clock, not the database's: one round trip
+                # fewer per batch, and one writer's batches stay in order.
+                now = datetime.now(UTC)
                 batch = LedgerBatch(accounts, existing, now)
                 results = [
                     [] if isinstance(item, ExpireHolds) else batch.apply(item) for item in items

@@ -13,7 +13,6 @@ from services.common.db import DbConn
 from services.ledger.domain import (
     AccountState,
     BatchResult,
-    Entry,
     NewAccount,
     Side,
     Transfer,
@@ -130,30 +129,46 @@ async def fetch_transfers(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.U
 
 
 async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
-    """Writes what a batch changed: transfers, entries and balances, each
-    with one set-based statement."""
-    await insert_transfers(conn, batch.new_transfers)
-    await update_transfers(conn, batch.updated_transfers)
-    await insert_entries(conn, batch.entries, now)
-    await update_balances(conn, list(batch.touched.values()))
-
-
-async def insert_transfers(conn: DbConn, transfers: Sequence[Transfer]) -> None:
-    if not transfers:
-        return
+    """Writes everything a batch changed (new transfers, resolved holds and
+    reversed amounts, entries, balances) in one statement: one round trip,
+    however large the batch."""
+    transfers, changed = batch.new_transfers, batch.updated_transfers
+    entries, states = batch.entries, list(batch.touched.values())
     await conn.execute(
         """
-        INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, type,
-                               pending_id, reverses_id, linked, timeout_seconds, code, metadata,
-                               effective_at, created_at, expires_at, status, resolved_at)
-        SELECT i, d, c, am, cu, ty, p, r, l, ti, co, coalesce(m::jsonb, '{}'::jsonb), e, cr, ex,
-               st, re
-          FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
-                      $6::smallint[], $7::uuid[], $8::uuid[], $9::boolean[], $10::integer[],
-                      $11::text[], $12::text[], $13::timestamptz[], $14::timestamptz[],
-                      $15::timestamptz[], $16::smallint[], $17::timestamptz[])
-               AS u(i, d, c, am, cu, ty, p, r, l, ti, co, m, e, cr, ex, st, re)
+        WITH new_transfers AS (
+            INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency,
+                                   type, pending_id, reverses_id, linked, timeout_seconds, code,
+                                   metadata, effective_at, created_at, expires_at, status,
+                                   resolved_at)
+            SELECT i, d, c, am, cu, ty, p, r, l, ti, co, coalesce(m::jsonb, '{}'::jsonb), e,
+                   $33, ex, st, re
+              FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
+                          $6::smallint[], $7::uuid[], $8::uuid[], $9::boolean[],
+                          $10::integer[], $11::text[], $12::text[], $13::timestamptz[],
+                          $14::timestamptz[], $15::smallint[], $16::timestamptz[])
+                   AS u(i, d, c, am, cu, ty, p, r, l, ti, co, m, e, ex, st, re)
+        ), changed_transfers AS (
+            UPDATE transfers AS t
+               SET status = u.status, amount_reversed = u.reversed, resolved_at = u.resolved_at
+              FROM unnest($17::uuid[], $18::smallint[], $19::bigint[], $20::timestamptz[])
+                   AS u(id, status, reversed, resolved_at)
+             WHERE t.id = u.id
+        ), new_entries AS (
+            INSERT INTO entries (transfer_id, account_id, side, amount, currency, balance_after,
+                                 code, created_at)
+            SELECT t, a, s, am, c, b, co, $33
+              FROM unnest($21::uuid[], $22::uuid[], $23::smallint[], $24::bigint[], $25::text[],
+                          $26::bigint[], $27::text[]) AS u(t, a, s, am, c, b, co)
+        )
+        UPDATE accounts AS a
+           SET debits_posted = u.dp, credits_posted = u.cp,
+               debits_pending = u.dpe, credits_pending = u.cpe
+          FROM unnest($28::uuid[], $29::bigint[], $30::bigint[], $31::bigint[], $32::bigint[])
+               AS u(id, dp, cp, dpe, cpe)
+         WHERE a.id = u.id
         """,
+        # $1..$16: new transfers
         [t.id for t in transfers],
         [t.debit_account_id for t in transfers],
         [t.credit_account_id for t in transfers],
@@ -168,63 +183,15 @@ async def insert_transfers(conn: DbConn, transfers: Sequence[Transfer]) -> None:
         # Most transfers carry no metadata: send NULL rather than encode {}.
         [json.dumps(dict(t.metadata)) if t.metadata else None for t in transfers],
         [t.effective_at for t in transfers],
-        [t.created_at for t in transfers],
         [t.expires_at for t in transfers],
         [int(t.status) for t in transfers],
         [t.resolved_at for t in transfers],
-    )
-
-
-async def update_transfers(conn: DbConn, changed: Sequence[Transfer]) -> None:
-    """Holds resolved or expired, amounts reversed."""
-    if not changed:
-        return
-    await conn.execute(
-        """
-        UPDATE transfers AS t
-           SET status = u.status, amount_reversed = u.reversed, resolved_at = u.resolved_at
-          FROM unnest($1::uuid[], $2::smallint[], $3::bigint[], $4::timestamptz[])
-               AS u(id, status, reversed, resolved_at)
-         WHERE t.id = u.id
-        """,
+        # $17..$20: stored transfers changed
         [t.id for t in changed],
         [int(t.status) for t in changed],
         [t.amount_reversed for t in changed],
         [t.resolved_at for t in changed],
-    )
-
-
-async def update_balances(conn: DbConn, states: Sequence[AccountState]) -> None:
-    if not states:
-        return
-    await conn.execute(
-        """
-        UPDATE accounts AS a
-           SET debits_posted = u.dp, credits_posted = u.cp,
-               debits_pending = u.dpe, credits_pending = u.cpe
-          FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
-               AS u(id, dp, cp, dpe, cpe)
-         WHERE a.id = u.id
-        """,
-        [s.id for s in states],
-        [s.debits_posted for s in states],
-        [s.credits_posted for s in states],
-        [s.debits_pending for s in states],
-        [s.credits_pending for s in states],
-    )
-
-
-async def insert_entries(conn: DbConn, entries: Sequence[Entry], created_at: datetime) -> None:
-    if not entries:
-        return
-    await conn.execute(
-        """
-        INSERT INTO entries (transfer_id, account_id, side, amount, currency, balance_after, code,
-                             created_at)
-        SELECT t, a, s, am, c, b, co, $8::timestamptz
-          FROM unnest($1::uuid[], $2::uuid[], $3::smallint[], $4::bigint[], $5::text[],
-                      $6::bigint[], $7::text[]) AS u(t, a, s, am, c, b, co)
-        """,
+        # $21..$27: entries
         [e.transfer_id for e in entries],
         [e.account_id for e in entries],
         [int(e.side) for e in entries],
@@ -232,7 +199,14 @@ async def insert_entries(conn: DbConn, entries: Sequence[Entry], created_at: dat
         [e.currency for e in entries],
         [e.balance_after for e in entries],
         [e.code for e in entries],
-        created_at,
+        # $28..$32: balances
+        [s.id for s in states],
+        [s.debits_posted for s in states],
+        [s.credits_posted for s in states],
+        [s.debits_pending for s in states],
+        [s.credits_pending for s in states],
+        # $33: the batch's moment, every new row's created_at
+        now,
     )
 
 
