@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import cast
 
 import asyncpg
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from moneta.ledger.v1 import ledger_pb2 as pb
 from moneta.ledger.v1 import ledger_pb2_grpc
@@ -17,6 +19,7 @@ from services.ledger.domain import (
     AccountState,
     Side,
     Transfer,
+    TransferCode,
     TransferOutcome,
     TransferSpec,
 )
@@ -46,25 +49,40 @@ def balance_to_pb(state: AccountState, as_of: datetime | None = None) -> pb.Bala
     )
 
 
-def transfer_to_pb(t: Transfer) -> pb.Transfer:
-    return pb.Transfer(
-        id=str(t.id),
+@functools.lru_cache(maxsize=64)
+def _timestamp(at: datetime) -> Timestamp:
+    # A batch's transfers share one moment: convert it once. Callers copy it.
+    converted = timestamp(at)
+    assert converted is not None
+    return converted
+
+
+def transfer_to_pb(t: Transfer, id_text: str | None = None) -> pb.Transfer:
+    """The wire form of a stored transfer. Fields at their defaults are left
+    unset, which is both what proto3 sends and cheaper to build."""
+    message = pb.Transfer(
+        id=id_text or str(t.id),
         debit_account_id=str(t.debit_account_id),
         credit_account_id=str(t.credit_account_id),
         amount=t.amount,
         currency=t.currency,
         type=cast(pb.TransferType.ValueType, int(t.type)),
-        pending_id=str(t.pending_id or ""),
-        reverses_id=str(t.reverses_id or ""),
         linked=t.linked,
         timeout_seconds=t.timeout_seconds,
         code=t.code,
-        metadata={k: str(v) for k, v in t.metadata.items()},
-        effective_at=timestamp(t.effective_at or t.created_at),
         status=cast(pb.TransferStatus.ValueType, int(t.status)),
-        created_at=timestamp(t.created_at),
-        expires_at=timestamp(t.expires_at),
+        effective_at=_timestamp(t.effective_at or t.created_at),
+        created_at=_timestamp(t.created_at),
     )
+    if t.pending_id is not None:
+        message.pending_id = str(t.pending_id)
+    if t.reverses_id is not None:
+        message.reverses_id = str(t.reverses_id)
+    if t.metadata:
+        message.metadata.update({k: str(v) for k, v in t.metadata.items()})
+    if t.expires_at is not None:
+        message.expires_at.CopyFrom(_timestamp(t.expires_at))
+    return message
 
 
 def transfer_from_pb(t: pb.Transfer) -> TransferSpec:
@@ -85,12 +103,14 @@ def transfer_from_pb(t: pb.Transfer) -> TransferSpec:
     )
 
 
+_RESULT_CODES = {code: pb.TransferResult.Code.Value(code.value) for code in TransferCode}
+
+
 def outcome_to_pb(outcome: TransferOutcome) -> pb.TransferResult:
-    return pb.TransferResult(
-        id=outcome.id,
-        code=pb.TransferResult.Code.Value(outcome.code.value),
-        transfer=transfer_to_pb(outcome.transfer) if outcome.transfer else None,
-    )
+    result = pb.TransferResult(id=outcome.id, code=_RESULT_CODES[outcome.code])
+    if outcome.transfer is not None:
+        result.transfer.CopyFrom(transfer_to_pb(outcome.transfer, outcome.id))
+    return result
 
 
 def account_to_pb(row: asyncpg.Record) -> pb.Account:
