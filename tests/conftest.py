@@ -90,9 +90,10 @@ def _drop_databases(postgres_url: str, prefix: str) -> None:
         asyncio.run(drop())
 
 
-async def service_pool(run: TestRun, service: str) -> asyncpg.Pool:
-    """A migrated database of the run's own for ``service``, and a pool on it."""
-    url = run.database_url(service)
+async def service_pool(run: TestRun, service: str, database: str | None = None) -> asyncpg.Pool:
+    """A migrated database of the run's own for ``service`` (named
+    ``database`` when several are needed), and a pool on it."""
+    url = run.database_url(database or service)
     await migrate(url, ROOT / "services" / service / "migrations")
     return await create_pool(url, min_size=1, max_size=20)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -22,7 +22,7 @@ from services.common.server import GrpcService, serve
 S = TypeVar("S", bound=CommonSettings)
 log = structlog.get_logger("moneta.runner")
 
-USAGE = "usage: python -m services.{name} [serve|migrate]"
+USAGE = "usage: python -m services.{name} [{commands}]"
 
 
 def run_service(
@@ -30,17 +30,23 @@ def run_service(
     settings_cls: type[S],
     start: Callable[[S], AbstractAsyncContextManager[GrpcService]],
     migrations: Path | None,
+    commands: Mapping[str, Callable[[S], Coroutine[Any, Any, int]]] | None = None,
 ) -> None:
-    """The entry point of every gRPC service's ``__main__``."""
+    """The entry point of every gRPC service's ``__main__``: ``serve`` (the
+    default), ``migrate``, and the service's own ``commands``, whose result
+    is the exit status."""
+    extra = dict(commands or {})
     command = sys.argv[1] if len(sys.argv) > 1 else "serve"
-    if command not in ("serve", "migrate"):
-        sys.exit(USAGE.format(name=name))
+    if command not in ("serve", "migrate", *extra):
+        sys.exit(USAGE.format(name=name, commands="|".join(["serve", "migrate", *extra])))
     settings = load_settings(settings_cls, f"moneta-{name}")
     configure_logging(name, settings.log_level, settings.log_format)
     if command == "migrate":
         if migrations is not None:
             asyncio.run(migrate_when_ready(settings.database_url(name), migrations))
         return
+    if command in extra:
+        sys.exit(asyncio.run(extra[command](settings)))
 
     async def main() -> None:
         if migrations is not None:

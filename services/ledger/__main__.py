@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from services.common.db import create_pool, pool_check
 from services.common.runner import run_service
 from services.common.server import GrpcService, configured_service
 from services.ledger import engine as engine_module
-from services.ledger import store
+from services.ledger import handlers, store
 from services.ledger.api import SERVICE_NAME, LedgerApi
 from services.ledger.config import LedgerSettings
 from services.ledger.engine import TransferEngine
@@ -56,5 +57,18 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
         await pool.close()
 
 
+async def verify(settings: LedgerSettings) -> int:
+    """python -m services.ledger verify: checks the ledger's invariants and
+    prints what it found as JSON; exits 1 when anything is wrong."""
+    pool = await create_pool(settings.database_url("ledger"), 1, 2)
+    try:
+        discrepancies, counts = await handlers.verify_ledger(pool)
+    finally:
+        await pool.close()
+    report = {"ok": not discrepancies, "discrepancies": discrepancies, "checked": counts}
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if not discrepancies else 1
+
+
 if __name__ == "__main__":
-    run_service("ledger", LedgerSettings, start, MIGRATIONS)
+    run_service("ledger", LedgerSettings, start, MIGRATIONS, {"verify": verify})

@@ -629,3 +629,25 @@ async def test_a_hold_open_at_a_moment_counts_as_pending_as_of_then_though_voide
 
     assert (then.debits_pending, then.pending, then.available) == (300, -300, FUNDS - 300)
     assert (now.debits_pending, now.pending, now.available) == (0, 0, FUNDS)
+
+
+def test_the_verifier_runs_as_a_command_and_reports_a_sound_ledger(ledger_process) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "services.ledger", "verify"],
+        cwd=ROOT,
+        env=ledger_process.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    report = json.loads(completed.stdout)
+    assert (completed.returncode, report["ok"], report["discrepancies"]) == (0, True, [])
+    assert report["checked"]["transfers"] > 0

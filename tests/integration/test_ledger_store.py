@@ -31,6 +31,7 @@ from services.ledger.domain import (
     TransferOutcome,
     TransferSpec,
 )
+from tests.conftest import TestRun, service_pool
 
 
 def new_id() -> str:
@@ -562,3 +563,34 @@ async def test_concurrent_batches_locking_accounts_in_any_order_all_complete(
     ]
     results = await asyncio.gather(*(handlers.create_transfers(ledger_pool, b) for b in batches))
     assert {o.code for outcomes in results for o in outcomes} == {TransferCode.OK}
+
+
+async def test_the_verifier_finds_a_balance_changed_behind_the_ledgers_back(
+    test_run: TestRun,
+) -> None:
+    # A database of its own: the tampering must not reach other tests.
+    pool = await service_pool(test_run, "ledger", database="ledger_tamper")
+    try:
+        payer, payee = str(uuid.uuid4()), str(uuid.uuid4())
+        await handlers.create_accounts(
+            pool,
+            [
+                AccountSpec(id=payer, currency="USD", type=AccountType.EXTERNAL),
+                AccountSpec(id=payee, currency="USD", type=AccountType.USER_WALLET),
+            ],
+        )
+        await handlers.create_transfers(
+            pool, [TransferSpec(str(uuid.uuid4()), payer, payee, 500, "USD")]
+        )
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE accounts SET credits_posted = credits_posted + 1 WHERE id = $1",
+                uuid.UUID(payee),
+            )
+
+        discrepancies, _ = await handlers.verify_ledger(pool)
+
+        kinds = {(d["kind"], d.get("account_id")) for d in discrepancies}
+        assert kinds == {("CURRENCY_UNBALANCED", None), ("BALANCE_MISMATCH", payee)}
+    finally:
+        await pool.close()
