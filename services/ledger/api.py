@@ -211,14 +211,18 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     async def ListEntries(
         self, request: pb.ListEntriesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListEntriesResponse:
-        page, token = await handlers.list_entries(
-            self._pool,
-            request.account_id,
-            optional_timestamp(request, "start_time"),
-            optional_timestamp(request, "end_time"),
-            request.page_size,
-            request.page_token,
+        query = handlers.EntryQuery(
+            account_id=request.account_id,
+            start=optional_timestamp(request, "start_time"),
+            end=optional_timestamp(request, "end_time"),
+            code=request.code or None,
+            min_amount=request.min_amount or None,
+            max_amount=request.max_amount or None,
+            side=request.side or None,
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
+        page, token = await handlers.list_entries(self._pool, query)
         return pb.ListEntriesResponse(
             entries=[
                 pb.Entry(

@@ -223,9 +223,7 @@ async def list_transfers(pool: asyncpg.Pool, query: TransferQuery) -> tuple[list
     aid = parse_uuid(query.account_id, "account_id")
     limit = page_size(query.page_size)
     cursor = decode_cursor(query.page_token, uuid.UUID)
-    for value, name in ((query.min_amount, "min_amount"), (query.max_amount, "max_amount")):
-        if value is not None and value < 0:
-            raise InvalidArgument(f"{name} must not be negative", reason="INVALID_AMOUNT")
+    _check_amount_range(query.min_amount, query.max_amount)
     async with pool.acquire() as conn:
         found = await store.list_transfers(
             conn,
@@ -244,24 +242,48 @@ async def list_transfers(pool: asyncpg.Pool, query: TransferQuery) -> tuple[list
     return page, token
 
 
-async def list_entries(
-    pool: asyncpg.Pool,
-    account_id: str,
-    start: datetime | None,
-    end: datetime | None,
-    size: int,
-    token: str,
-) -> tuple[list[asyncpg.Record], str]:
-    aid = parse_uuid(account_id, "account_id")
-    limit = page_size(size)
-    cursor = decode_cursor(token, int)
+@dataclass(frozen=True)
+class EntryQuery:
+    account_id: str
+    start: datetime | None = None
+    end: datetime | None = None
+    code: str | None = None
+    min_amount: int | None = None
+    max_amount: int | None = None
+    side: int | None = None
+    page_size: int = 0
+    page_token: str = ""
+
+
+async def list_entries(pool: asyncpg.Pool, query: EntryQuery) -> tuple[list[asyncpg.Record], str]:
+    aid = parse_uuid(query.account_id, "account_id")
+    limit = page_size(query.page_size)
+    cursor = decode_cursor(query.page_token, int)
+    _check_amount_range(query.min_amount, query.max_amount)
+    if query.side not in (None, 1, 2):
+        raise InvalidArgument("side must be DEBIT or CREDIT", reason="INVALID_SIDE")
     async with pool.acquire() as conn:
         found = await store.list_entries(
-            conn, aid, start=start, end=end, cursor=cursor, limit=limit + 1
+            conn,
+            aid,
+            start=query.start,
+            end=query.end,
+            code=query.code,
+            min_amount=query.min_amount,
+            max_amount=query.max_amount,
+            side=query.side,
+            cursor=cursor,
+            limit=limit + 1,
         )
     page = found[:limit]
     next_token = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(found) > limit else ""
     return page, next_token
+
+
+def _check_amount_range(min_amount: int | None, max_amount: int | None) -> None:
+    for value, name in ((min_amount, "min_amount"), (max_amount, "max_amount")):
+        if value is not None and value < 0:
+            raise InvalidArgument(f"{name} must not be negative", reason="INVALID_AMOUNT")
 
 
 async def verify_ledger(pool: asyncpg.Pool) -> tuple[list[dict[str, object]], dict[str, int]]:

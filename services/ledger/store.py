@@ -414,10 +414,23 @@ async def list_entries(
     *,
     start: datetime | None,
     end: datetime | None,
+    code: str | None,
+    min_amount: int | None,
+    max_amount: int | None,
+    side: int | None,
     cursor: tuple[datetime, int] | None,
     limit: int,
 ) -> list[asyncpg.Record]:
-    where, params = _filters(start, end, (), cursor, first_param=3)
+    extra: list[tuple[str, object]] = []
+    if code:
+        extra.append(("code = ?", code))
+    if min_amount is not None:
+        extra.append(("amount >= ?", min_amount))
+    if max_amount is not None:
+        extra.append(("amount <= ?", max_amount))
+    if side is not None:
+        extra.append(("side = ?", side))
+    where, params = _filters(start, end, extra, cursor, first_param=3)
     return list(
         await conn.fetch(
             f"""

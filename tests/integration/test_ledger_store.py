@@ -594,3 +594,29 @@ async def test_the_verifier_finds_a_balance_changed_behind_the_ledgers_back(
         assert kinds == {("CURRENCY_UNBALANCED", None), ("BALANCE_MISMATCH", payee)}
     finally:
         await pool.close()
+
+
+async def test_entries_and_transfers_filter_by_code_amount_range_and_side(
+    ledger_pool: asyncpg.Pool,
+) -> None:
+    world, wallet = await open_accounts(ledger_pool, world_spec(), wallet_spec())
+    await post(
+        ledger_pool,
+        transfer(world, wallet, 100, code="DEPOSIT"),
+        transfer(world, wallet, 900, code="DEPOSIT"),
+        transfer(wallet, world, 50, code="FEE"),
+    )
+
+    deposits, _ = await handlers.list_entries(
+        ledger_pool, handlers.EntryQuery(account_id=wallet, code="DEPOSIT", min_amount=500)
+    )
+    debits, _ = await handlers.list_entries(
+        ledger_pool, handlers.EntryQuery(account_id=wallet, side=1)
+    )
+    fees, _ = await handlers.list_transfers(
+        ledger_pool, handlers.TransferQuery(account_id=wallet, code="FEE", max_amount=60)
+    )
+
+    assert [(e["code"], e["amount"]) for e in deposits] == [("DEPOSIT", 900)]
+    assert [(e["code"], e["amount"]) for e in debits] == [("FEE", 50)]
+    assert [(t.code, t.amount) for t in fees] == [("FEE", 50)]
