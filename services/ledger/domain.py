@@ -327,7 +327,12 @@ class Request:
             and same(self.debit_account_id, stored.debit_account_id)
             and same(self.credit_account_id, stored.credit_account_id)
             and same(self.currency, stored.currency)
-            and (self.amount == stored.amount or (self.amount == 0 and self.type in _REFERRING))
+            # 0 on a VOID_PENDING or REVERSAL asks for "all of it": whatever
+            # that was when the transfer was made.
+            and (
+                self.amount == stored.amount
+                or (self.amount == 0 and self.type in _WHOLE_BY_DEFAULT)
+            )
             and self.pending_id == stored.pending_id
             and self.reverses_id == stored.reverses_id
             and self.linked == stored.linked
@@ -341,6 +346,7 @@ class Request:
 _REFERRING = frozenset(
     {TransferType.POST_PENDING, TransferType.VOID_PENDING, TransferType.REVERSAL}
 )
+_WHOLE_BY_DEFAULT = frozenset({TransferType.VOID_PENDING, TransferType.REVERSAL})
 MAX_TIMEOUT_SECONDS = 366 * 24 * 3600
 
 
@@ -637,6 +643,11 @@ class LedgerBatch:
             return request, None
         prior = self._transfer(request.id)
         if prior is not None:
+            if request.type == TransferType.POST_PENDING and request.amount == 0:
+                # "The full hold" is a definite amount: a retry of a partial
+                # post asking for the full hold is a different request.
+                pending = self._transfer(request.pending_id) if request.pending_id else None
+                request = replace(request, amount=pending.amount if pending else -1)
             if request.matches(prior):
                 return TransferCode.EXISTS, prior
             return TransferCode.EXISTS_WITH_DIFFERENT_FIELDS, None
@@ -764,9 +775,7 @@ class LedgerBatch:
             return TransferCode.INVALID_AMOUNT, None
         self._save(debit, credit)
         self._save_transfer(original)
-        self._updated[original.id] = replace(
-            original, amount_reversed=original.amount_reversed + amount
-        )
+        self._store(replace(original, amount_reversed=original.amount_reversed + amount))
         self._post(debit, credit, amount, original.currency, request.id, request.code)
         transfer = _new_transfer(
             request, debit.id, credit.id, amount, original.currency, self._now,
@@ -811,11 +820,16 @@ class LedgerBatch:
         debit.debits_pending -= pending.amount
         credit.credits_pending -= pending.amount
         resolved = replace(pending, status=status, resolved_at=self._now)
-        if pending.id in self._created:
-            self._created[pending.id] = resolved
-        else:
-            self._updated[pending.id] = resolved
+        self._store(resolved)
         return resolved
+
+    def _store(self, changed: Transfer) -> None:
+        """Keeps the new version of a transfer: still to be inserted if this
+        batch created it, to be updated otherwise."""
+        if changed.id in self._created:
+            self._created[changed.id] = changed
+        else:
+            self._updated[changed.id] = changed
 
     def _create(self, transfer: Transfer) -> None:
         self._created[transfer.id] = transfer

@@ -140,14 +140,15 @@ async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
             INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency,
                                    type, pending_id, reverses_id, linked, timeout_seconds, code,
                                    metadata, effective_at, created_at, expires_at, status,
-                                   resolved_at)
+                                   resolved_at, amount_reversed)
             SELECT i, d, c, am, cu, ty, p, r, l, ti, co, coalesce(m::jsonb, '{}'::jsonb), e,
-                   $33, ex, st, re
+                   $33, ex, st, re, rv
               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
                           $6::smallint[], $7::uuid[], $8::uuid[], $9::boolean[],
                           $10::integer[], $11::text[], $12::text[], $13::timestamptz[],
-                          $14::timestamptz[], $15::smallint[], $16::timestamptz[])
-                   AS u(i, d, c, am, cu, ty, p, r, l, ti, co, m, e, ex, st, re)
+                          $14::timestamptz[], $15::smallint[], $16::timestamptz[],
+                          $34::bigint[])
+                   AS u(i, d, c, am, cu, ty, p, r, l, ti, co, m, e, ex, st, re, rv)
         ), changed_transfers AS (
             UPDATE transfers AS t
                SET status = u.status, amount_reversed = u.reversed, resolved_at = u.resolved_at
@@ -207,6 +208,8 @@ async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
         [s.credits_pending for s in states],
         # $33: the batch's moment, every new row's created_at
         now,
+        # $34: reversed in the batch that created it
+        [t.amount_reversed for t in transfers],
     )
 
 
