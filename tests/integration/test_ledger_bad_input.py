@@ -631,7 +631,9 @@ async def test_a_hold_open_at_a_moment_counts_as_pending_as_of_then_though_voide
     assert (now.debits_pending, now.pending, now.available) == (0, 0, FUNDS)
 
 
-def test_the_verifier_runs_as_a_command_and_reports_a_sound_ledger(ledger_process) -> None:  # type: ignore[no-untyped-def]
+def test_the_verifier_runs_as_a_command_and_reports_a_sound_ledger(
+    ledger_process: ServiceProcess,
+) -> None:
     import json
     import subprocess
     import sys
