@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -52,9 +53,20 @@ def run_service(
         if migrations is not None:
             await migrate_when_ready(settings.database_url(name), migrations)
         async with start(settings) as service:
+            settle_garbage_collector()
             await serve(service)
 
     uvloop.run(main())
+
+
+def settle_garbage_collector() -> None:
+    """What exists at start (modules, settings, pools) lives as long as the
+    process: freezing it keeps every collection from scanning it again, and
+    a larger first generation lets a batch's short-lived objects die young
+    in far fewer collections."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 async def migrate_when_ready(url: str, folder: Path, wait_seconds: float = 60.0) -> None:
