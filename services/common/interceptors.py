@@ -62,75 +62,95 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     with method, duration and status, counts it, and turns domain errors into
     rich statuses. An unexpected exception is logged with its traceback and
     answered as INTERNAL carrying only the request id.
+
+    Each method is wrapped once and the wrapper reused for every call: the
+    per-call cost is the call's own work, not building handlers.
     """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        method: str = handler_call_details.method
-        quiet = method.startswith(_QUIET_METHODS)
-        inner = handler.unary_unary
-        incoming_id = _metadata_value(handler_call_details.invocation_metadata, REQUEST_ID_HEADER)
+        wrapped = self._wrapped[method] = _observed_handler(method, handler)
+        return wrapped
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id = accept_request_id(incoming_id)
-            token = request_id_var.set(request_id)
-            remaining = context.time_remaining()
-            deadline_token = deadline_var.set(
-                asyncio.get_running_loop().time() + remaining if remaining is not None else None
-            )
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            reason: str | None = None
-            try:
-                if isinstance(request, Message):
-                    reject_control_characters(request)
-                return await inner(request, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED  # the caller gave up or the deadline passed
-                raise
-            except MonetaError as exc:
-                code, reason = exc.status_code, exc.reason
-                await _abort(context, exc)
-            except NotImplementedError:
-                # A method of the contract whose behaviour has not landed yet.
-                code, reason = grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED"
-                await _abort(context, Unimplemented(f"{method} is not implemented yet"))
-            except Exception as exc:
-                if _is_abort(exc, context):
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
-                log.exception("rpc_failed", method=method)
-                await _abort(
-                    context,
-                    Internal(f"internal error (request id {request_id})", reason="INTERNAL"),
-                )
-            finally:
-                elapsed = time.perf_counter() - started
-                RPC_HANDLED.labels(method, code.name).inc()
-                RPC_LATENCY.labels(method).observe(elapsed)
-                log_at = log.debug if quiet else log.info
-                log_at(
-                    "rpc",
-                    method=method,
-                    code=code.name,
-                    reason=reason,
-                    duration_ms=round(elapsed * 1000, 3),
-                )
-                request_id_var.reset(token)
-                deadline_var.reset(deadline_token)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+def _observed_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    quiet = method.startswith(_QUIET_METHODS)
+    inner = handler.unary_unary
+    latency = RPC_LATENCY.labels(method)
+    handled: dict[grpc.StatusCode, Any] = {}
+
+    async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        request_id = accept_request_id(
+            _metadata_value(context.invocation_metadata(), REQUEST_ID_HEADER)
         )
+        token = request_id_var.set(request_id)
+        remaining = context.time_remaining()
+        deadline_token = deadline_var.set(
+            asyncio.get_running_loop().time() + remaining if remaining is not None else None
+        )
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        reason: str | None = None
+        try:
+            if isinstance(request, Message):
+                reject_control_characters(request)
+            return await inner(request, context)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED  # the caller gave up or the deadline passed
+            raise
+        except MonetaError as exc:
+            code, reason = exc.status_code, exc.reason
+            await _abort(context, exc)
+        except NotImplementedError:
+            # A method of the contract whose behaviour has not landed yet.
+            code, reason = grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED"
+            await _abort(context, Unimplemented(f"{method} is not implemented yet"))
+        except Exception as exc:
+            if _is_abort(exc, context):
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
+            log.exception("rpc_failed", method=method)
+            await _abort(
+                context,
+                Internal(f"internal error (request id {request_id})", reason="INTERNAL"),
+            )
+        finally:
+            elapsed = time.perf_counter() - started
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled[code] = RPC_HANDLED.labels(method, code.name)
+            counter.inc()
+            latency.observe(elapsed)
+            log_at = log.debug if quiet else log.info
+            log_at(
+                "rpc",
+                method=method,
+                code=code.name,
+                reason=reason,
+                duration_ms=round(elapsed * 1000, 3),
+            )
+            request_id_var.reset(token)
+            deadline_var.reset(deadline_token)
+
+    return grpc.unary_unary_rpc_method_handler(
+        observed,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 # NUL and the other C0 controls (tab, newline and carriage return aside)
