@@ -345,7 +345,7 @@ def main() -> None:
     parser.add_argument("--baseline-transfers", type=int, default=6_000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--replicas", type=int, default=2, help="ledger processes on one port")
+    parser.add_argument("--replicas", type=int, default=1, help="ledger processes on one port")
     parser.add_argument("--channels", type=int, default=8, help="client connections")
     args = parser.parse_args()
     results = asyncio.run(run(args))

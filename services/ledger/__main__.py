@@ -51,7 +51,7 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.ledger_metrics_port,
-            background=[engine.run, sweep, partitions],
+            background=[*[engine.run] * settings.ledger_writers, sweep, partitions],
         )
     finally:
         await pool.close()

@@ -1,9 +1,10 @@
 """Group commit: concurrent CreateTransfers calls share database transactions.
 
-Every call puts its transfers on one queue. A single writer takes everything
-queued (up to 8,000 transfers), applies it in arrival order in one
-transaction, and answers each caller with its own results once that
-transaction has committed. While it commits, new calls queue up, so under load
+Every call puts its transfers on one queue. A writer takes everything queued
+(up to 8,000 transfers), applies it in arrival order in one transaction, and
+answers each caller with its own results once that transaction has committed.
+A process runs a few writers (``MONETA_LEDGER_WRITERS``), so that one batch is
+prepared while another is in the database. While it commits, new calls queue up, so under load
 batches grow by themselves and a hot account pays one row update per batch,
 not one per transfer; when idle, a lone call is committed at once.
 
@@ -86,12 +87,15 @@ class TransferEngine:
         return batch
 
     async def run(self) -> None:
-        """The single writer. Runs until cancelled."""
+        """A writer. Runs until cancelled. With more than one, a batch is
+        prepared in Python while the previous one is in PostgreSQL; their
+        locks (transfers, then accounts, in id order) keep them apart."""
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                await self._commit(self._take_batch())
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._commit(self._take_batch())
 
     async def _commit(self, batch: list[_Queued]) -> None:
         loop = asyncio.get_running_loop()
