@@ -18,6 +18,8 @@ class GatewaySettings(CommonSettings):
     jwt_secret: str = DEV_JWT_SECRET
     jwt_issuer: str = "moneta"
     jwt_audience: str = "moneta-api"
+    # Signs the bank partner's webhooks (HMAC-SHA256). DEVELOPMENT DEFAULT.
+    bank_webhook_secret: str = "moneta-dev-only-bank-webhook-secret"  # noqa: S105
     # Requests larger than this are refused before they are read.
     max_body_bytes: int = 64 * 1024
 

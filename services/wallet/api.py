@@ -10,6 +10,8 @@ from moneta.wallet.v1 import wallet_pb2 as pb
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.grpc_util import timestamp
 from services.wallet import handlers
+from services.wallet.api_banking import BankingApi
+from services.wallet.api_payments import PaymentsApi
 from services.wallet.config import WalletSettings
 from services.wallet.peers import Peers
 
@@ -51,7 +53,7 @@ def wallet_to_pb(view: handlers.WalletView) -> pb.Wallet:
     )
 
 
-class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
+class WalletApi(BankingApi, PaymentsApi, wallet_pb2_grpc.WalletServiceServicer):
     def __init__(self, pool: asyncpg.Pool, peers: Peers, settings: WalletSettings) -> None:
         self._pool = pool
         self._peers = peers

@@ -111,3 +111,16 @@ def ensure_can_receive(status: WalletStatus) -> None:
         raise FailedPrecondition(
             "the recipient's wallet is closed", reason="RECIPIENT_WALLET_CLOSED"
         )
+
+
+def display_name(full_name: str | None, username: str | None, email: str) -> str:
+    """How another person appears in someone's history: first name and
+    initial, else their username, else their email with the local part
+    masked. Never their phone or full email."""
+    parts = (full_name or "").split()
+    if parts:
+        return parts[0] if len(parts) == 1 else f"{parts[0]} {parts[-1][0]}."
+    if username:
+        return f"@{username}"
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}•••@{domain}"

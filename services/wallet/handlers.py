@@ -34,12 +34,13 @@ from services.common.errors import (
 )
 from services.common.ids import parse_uuid
 from services.common.money import INT64_MAX, require_positive, to_minor_units, validate_currency
-from services.wallet import store
+from services.wallet import history, store
 from services.wallet.domain import (
     Role,
     UserFields,
     WalletStatus,
     company_funding_account_id,
+    display_name,
     ensure_can_receive,
     ensure_can_send,
     initial_funding_transfer_id,
@@ -505,13 +506,58 @@ class _Payment:
             self.currency,
             self.cmd.category,
         )
-        account = self.sender_accounts[self.currency]
-        balance = (await self.peers.balances([account]))[str(account)].available
-        async with self.pool.acquire() as conn:
-            await store.complete_payment(conn, self.pid, balance)
+        balance = await complete_p2p(
+            self.pool, self.peers, self.pid, self.sender_wallet, self.recipient_wallet,
+            self.cmd.amount, self.currency, self.cmd.note,
+        )  # fmt: skip
         log.info("transfer_completed", transfer_id=str(self.pid), amount=self.cmd.amount,
                  currency=self.currency)  # fmt: skip
         return TransferOutcome(self.pid, "COMPLETED", balance, self.currency)
+
+
+async def complete_p2p(
+    pool: asyncpg.Pool,
+    peers: Peers,
+    pid: uuid.UUID,
+    sender_wallet: asyncpg.Record,
+    recipient_wallet: asyncpg.Record,
+    amount: int,
+    currency: str,
+    note: str,
+) -> int:
+    """Records a P2P payment whose money moved: both wallets' history and
+    the payment's outcome, in one transaction. Returns the sender's available
+    balance afterwards."""
+    sender_account = wallet_account_id(sender_wallet["wallet_id"], currency)
+    recipient_account = wallet_account_id(recipient_wallet["wallet_id"], currency)
+    balances = await peers.balances([sender_account, recipient_account])
+    sender_balance = balances[str(sender_account)]
+    recipient_balance = balances.get(str(recipient_account))
+    async with pool.acquire() as conn:
+        sender = await store.fetch_user(conn, sender_wallet["user_id"])
+        recipient = await store.fetch_user(conn, recipient_wallet["user_id"])
+        assert sender is not None and recipient is not None
+        async with conn.transaction():
+            await history.record(
+                conn,
+                history.Movement(
+                    wallet_id=sender_wallet["wallet_id"], ledger_transfer_id=pid,
+                    type="P2P_OUT", amount=-amount, currency=currency, status="COMPLETED",
+                    counterparty=display_name(recipient["full_name"], recipient["username"],
+                                              recipient["email"]),
+                    description=note, balance_after=sender_balance.posted,
+                ),
+                history.Movement(
+                    wallet_id=recipient_wallet["wallet_id"], ledger_transfer_id=pid,
+                    type="P2P_IN", amount=amount, currency=currency, status="COMPLETED",
+                    counterparty=display_name(sender["full_name"], sender["username"],
+                                              sender["email"]),
+                    description=note,
+                    balance_after=recipient_balance.posted if recipient_balance else None,
+                ),
+            )  # fmt: skip
+            await store.complete_payment(conn, pid, sender_balance.available)
+    return int(sender_balance.available)
 
 
 async def commit_spend(
@@ -555,7 +601,6 @@ async def reconcile_stale_payments(
             payment = await store.fetch_payment(conn, pid)
             assert payment is not None
             wallet = await store.fetch_wallet(conn, user_id=payment["sender_user_id"])
-            accounts = await store.wallet_accounts(conn, wallet["wallet_id"]) if wallet else {}
         reservation_id = str(payment["reservation_id"]) if payment["reservation_id"] else None
         try:
             if await peers.lookup_transfer(pid) is not None and wallet is not None:
@@ -563,10 +608,15 @@ async def reconcile_stale_payments(
                     peers, pid, reservation_id, wallet, payment["amount"], payment["currency"],
                     "P2P",
                 )  # fmt: skip
-                account = accounts[payment["currency"]]
-                balance = (await peers.balances([account]))[str(account)].available
                 async with pool.acquire() as conn:
-                    await store.complete_payment(conn, pid, balance)
+                    recipient_wallet = await store.fetch_wallet(
+                        conn, user_id=payment["recipient_user_id"]
+                    )
+                assert recipient_wallet is not None
+                await complete_p2p(
+                    pool, peers, pid, wallet, recipient_wallet, payment["amount"],
+                    payment["currency"], payment["note"],
+                )  # fmt: skip
                 log.warning("payment_reconciled", payment_id=str(pid), outcome="COMPLETED")
             else:
                 if reservation_id is not None:

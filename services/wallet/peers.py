@@ -66,6 +66,16 @@ class Peers:
         )
         return response.results[0]
 
+    async def create_transfers(
+        self, transfers: Sequence[ledger_pb2.Transfer]
+    ) -> list[ledger_pb2.TransferResult]:
+        """Several transfers in one request (a linked chain, say): one result
+        each, in order."""
+        response: ledger_pb2.CreateTransfersResponse = await _call(
+            self.ledger.CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=transfers))
+        )
+        return list(response.results)
+
     async def lookup_transfer(self, transfer_id: uuid.UUID) -> ledger_pb2.Transfer | None:
         """The ledger's transfer with this id, if it exists: whether money moved."""
         response: ledger_pb2.LookupTransfersResponse = await _call(

@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.gateway.app import parse_amount, recipient_of
+from services.gateway.deps import parse_amount
+from services.gateway.routes_wallets import recipient_of
 
 
 def refusal(value: object, currency: str = "USD", field: str = "amount") -> InvalidArgument:

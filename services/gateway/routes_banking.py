@@ -1,0 +1,6 @@
+"""Bank accounts, adding funds, cash-out and the bank partner's webhook over
+HTTP."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

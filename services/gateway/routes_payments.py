@@ -1,0 +1,5 @@
+"""Merchants, merchant payments and currency exchange over HTTP."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

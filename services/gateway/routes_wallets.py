@@ -1,0 +1,236 @@
+"""Wallets, P2P transfers and the ledger's verifier over HTTP."""
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from pydantic import BaseModel, ConfigDict, Field
+
+from moneta.common.v1.money_pb2 import Money
+from moneta.ledger.v1 import ledger_pb2
+from moneta.wallet.v1 import wallet_pb2
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied
+from services.common.money import to_major_units
+from services.gateway.deps import (
+    ERROR_RESPONSES,
+    Amount,
+    Caller,
+    Peers,
+    authorize_user_access,
+    call,
+    parse_amount,
+)
+
+router = APIRouter()
+
+
+class TransferBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sender_id: str = Field(min_length=1, max_length=64)
+    recipient: str = Field(
+        min_length=1, max_length=320, description="User id, email, phone (E.164) or username."
+    )
+    amount: Amount = Field(description='Decimal string or number, in major units, e.g. "12.50".')
+    currency: str | None = Field(default=None, min_length=3, max_length=4)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    note: str = Field(default="", max_length=500)
+    device_id: str = Field(default="", max_length=200)
+
+
+class TransferAnswer(BaseModel):
+    transfer_id: str
+    status: str
+    sender_balance: str
+    currency: str
+
+
+class CreateWalletBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, max_length=64)
+    currency: str = Field(min_length=3, max_length=4)
+    initial_balance: Amount | None = None
+
+
+class BalanceAnswer(BaseModel):
+    currency: str
+    available: str
+    pending: str
+    posted: str
+
+
+class WalletAnswer(BaseModel):
+    wallet_id: str
+    user_id: str
+    balance: str
+    currency: str
+    status: str
+    balances: list[BalanceAnswer]
+    created_at: str
+    updated_at: str
+
+
+class VerifyAnswer(BaseModel):
+    ok: bool
+    discrepancies: list[dict[str, Any]]
+    accounts_checked: int
+    transfers_checked: int
+    entries_checked: int
+
+
+def recipient_of(value: str) -> wallet_pb2.Recipient:
+    value = value.strip()
+    try:
+        return wallet_pb2.Recipient(user_id=str(uuid.UUID(value)))
+    except ValueError:
+        pass
+    if "@" in value:
+        return wallet_pb2.Recipient(email=value)
+    if value.startswith("+"):
+        return wallet_pb2.Recipient(phone=value)
+    return wallet_pb2.Recipient(username=value)
+
+
+def wallet_answer(w: wallet_pb2.Wallet) -> WalletAnswer:
+    return WalletAnswer(
+        wallet_id=w.wallet_id,
+        user_id=w.user_id,
+        balance=to_major_units(w.balance, w.currency),
+        currency=w.currency,
+        status=wallet_pb2.WalletStatus.Name(w.status).removeprefix("WALLET_STATUS_"),
+        balances=[
+            BalanceAnswer(
+                currency=b.currency,
+                available=to_major_units(b.available, b.currency),
+                pending=to_major_units(b.pending, b.currency),
+                posted=to_major_units(b.posted, b.currency),
+            )
+            for b in w.balances
+        ],
+        created_at=w.created_at.ToDatetime().isoformat() + "Z",
+        updated_at=w.updated_at.ToDatetime().isoformat() + "Z",
+    )
+
+
+# -- wallets
+
+
+@router.post("/api/v1/wallets", status_code=201, tags=["wallets"], responses=ERROR_RESPONSES)
+async def create_wallet(body: CreateWalletBody, who: Caller, ups: Peers) -> WalletAnswer:
+    """Creates a user's wallet, funded from their company when an initial
+    balance is given. Managers (own company) and admins."""
+    if who.role not in ("manager", "admin"):
+        raise PermissionDenied("managers and admins create wallets", reason="ROLE_REQUIRED")
+    await authorize_user_access(ups, who, body.user_id, "USER_NOT_FOUND")
+    initial = (
+        parse_amount(body.initial_balance, body.currency, "initial_balance")
+        if body.initial_balance is not None
+        else 0
+    )
+    if initial and who.role != "admin" and body.user_id == who.user_id:
+        raise PermissionDenied(
+            "a manager cannot fund their own wallet", reason="SELF_FUNDING_FORBIDDEN"
+        )
+    response = await call(
+        who,
+        ups.wallet.CreateWallet,
+        wallet_pb2.CreateWalletRequest(
+            user_id=body.user_id, currency=body.currency, initial_balance=initial
+        ),
+    )
+    return wallet_answer(response.wallet)
+
+
+@router.get("/api/v1/wallets/{user_id}", tags=["wallets"], responses=ERROR_RESPONSES)
+async def get_wallet(user_id: str, who: Caller, ups: Peers) -> WalletAnswer:
+    """A user's wallet with its balance in every currency."""
+    await authorize_user_access(ups, who, user_id, "WALLET_NOT_FOUND")
+    response = await call(who, ups.wallet.GetWallet, wallet_pb2.GetWalletRequest(user_id=user_id))
+    return wallet_answer(response.wallet)
+
+
+# -- transfers
+
+
+@router.post("/api/v1/transfers", tags=["transfers"], responses=ERROR_RESPONSES)
+async def create_transfer(
+    body: TransferBody,
+    who: Caller,
+    ups: Peers,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> TransferAnswer:
+    """A P2P transfer from the caller's wallet to a user found by id, email,
+    phone or username. Retrying with the same idempotency key returns the
+    first result and moves nothing again."""
+    if body.sender_id != who.user_id:
+        # Someone else's wallet does not exist, as far as the caller knows.
+        raise NotFound("not found", reason="WALLET_NOT_FOUND")
+    key = body.idempotency_key or idempotency_key
+    if not key:
+        raise InvalidArgument(
+            "idempotency_key is required (body or Idempotency-Key header)",
+            reason="IDEMPOTENCY_KEY_REQUIRED",
+        )
+    currency = body.currency
+    if currency is None:
+        sender = await call(
+            who, ups.wallet.GetWallet, wallet_pb2.GetWalletRequest(user_id=who.user_id)
+        )
+        currency = sender.wallet.currency
+    amount = parse_amount(body.amount, currency)
+    if amount <= 0:
+        raise InvalidArgument(
+            "amount must be greater than zero",
+            reason="INVALID_AMOUNT",
+            details={"field": "amount"},
+        )
+    response = await call(
+        who,
+        ups.wallet.Transfer,
+        wallet_pb2.TransferRequest(
+            sender_id=body.sender_id,
+            recipient=recipient_of(body.recipient),
+            amount=Money(amount=amount, currency=currency),
+            idempotency_key=key,
+            note=body.note,
+            device_id=body.device_id,
+        ),
+    )
+    balance = response.sender_balance
+    return TransferAnswer(
+        transfer_id=response.transfer_id,
+        status=wallet_pb2.TransactionStatus.Name(response.status).removeprefix(
+            "TRANSACTION_STATUS_"
+        ),
+        sender_balance=to_major_units(balance.amount, balance.currency),
+        currency=balance.currency,
+    )
+
+
+# -- admin
+
+
+@router.get("/api/v1/admin/ledger/verify", tags=["admin"], responses=ERROR_RESPONSES)
+async def verify_ledger(who: Caller, ups: Peers) -> VerifyAnswer:
+    """Proves that no money was created or lost. Admins."""
+    if who.role != "admin":
+        raise PermissionDenied("admins only", reason="ROLE_REQUIRED")
+    r = await call(who, ups.ledger.VerifyLedger, ledger_pb2.VerifyLedgerRequest())
+    return VerifyAnswer(
+        ok=r.ok,
+        discrepancies=[
+            {
+                "kind": d.kind,
+                "account_id": d.account_id,
+                "currency": d.currency,
+                "expected": d.expected,
+                "actual": d.actual,
+                "detail": d.detail,
+            }
+            for d in r.discrepancies
+        ],
+        accounts_checked=r.accounts_checked,
+        transfers_checked=r.transfers_checked,
+        entries_checked=r.entries_checked,
+    )

@@ -1,0 +1,189 @@
+"""The wallet's history: what each wallet's owner sees of every movement.
+
+Every flow that moves money records one row per wallet it touches, keyed by
+the ledger transfer, so that recording is idempotent: a retried flow records
+nothing twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from services.common.db import DbConn
+from services.common.errors import InvalidArgument
+from services.common.paging import decode_cursor, encode_cursor, page_size
+from services.wallet.domain import NAMESPACE
+
+TYPES = frozenset(
+    {
+        "P2P_IN", "P2P_OUT", "DEPOSIT", "WITHDRAWAL", "MERCHANT_PAYMENT", "EXCHANGE",
+        "BOOKING", "REFUND", "ADJUSTMENT", "CLAWBACK",
+    }
+)  # fmt: skip
+STATUSES = frozenset({"PENDING", "PENDING_REVIEW", "COMPLETED", "FAILED", "REVERSED", "EXPIRED"})
+
+_COLUMNS = """
+    txn_id, wallet_id, type, amount, currency, status, counterparty, description, reference_id,
+    ledger_transfer_id, balance_after, created_at, updated_at
+"""
+
+
+def txn_id(ledger_transfer_id: uuid.UUID, wallet_id: uuid.UUID) -> uuid.UUID:
+    """A history row's id follows from the transfer and the wallet."""
+    return uuid.uuid5(NAMESPACE, f"txn:{ledger_transfer_id}:{wallet_id}")
+
+
+@dataclass(frozen=True)
+class Movement:
+    """One wallet's side of a ledger transfer."""
+
+    wallet_id: uuid.UUID
+    ledger_transfer_id: uuid.UUID
+    type: str
+    # Signed: negative when money leaves the wallet.
+    amount: int
+    currency: str
+    status: str
+    counterparty: str = ""
+    description: str = ""
+    reference_id: str = ""
+    balance_after: int | None = None
+
+
+async def record(conn: DbConn, *movements: Movement) -> None:
+    """Records movements once each (a retry records nothing new)."""
+    for m in movements:
+        assert m.type in TYPES and m.status in STATUSES and m.amount != 0
+        await conn.execute(
+            f"""
+            INSERT INTO transactions ({_COLUMNS})
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now(), now())
+            ON CONFLICT DO NOTHING
+            """,
+            txn_id(m.ledger_transfer_id, m.wallet_id),
+            m.wallet_id,
+            m.type,
+            m.amount,
+            m.currency,
+            m.status,
+            m.counterparty[:200],
+            m.description[:500],
+            m.reference_id[:200],
+            m.ledger_transfer_id,
+            m.balance_after,
+        )
+
+
+async def set_status(
+    conn: DbConn,
+    ledger_transfer_id: uuid.UUID,
+    status: str,
+    balance_after: dict[uuid.UUID, int] | None = None,
+) -> None:
+    """Moves every wallet's row of a transfer to ``status`` (a hold posted,
+    voided, reversed ...), with each wallet's balance after when known."""
+    assert status in STATUSES
+    await conn.execute(
+        """
+        UPDATE transactions AS t
+           SET status = $2, updated_at = now(),
+               balance_after = coalesce(b.balance, t.balance_after)
+          FROM (SELECT t2.txn_id, u.balance
+                  FROM transactions t2
+                  LEFT JOIN unnest($3::uuid[], $4::bigint[]) AS u(wallet_id, balance)
+                         ON u.wallet_id = t2.wallet_id
+                 WHERE t2.ledger_transfer_id = $1) AS b
+         WHERE t.txn_id = b.txn_id
+        """,
+        ledger_transfer_id,
+        status,
+        list((balance_after or {}).keys()),
+        list((balance_after or {}).values()),
+    )
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    wallet_id: uuid.UUID
+    start: datetime | None = None
+    end: datetime | None = None
+    types: frozenset[str] = field(default_factory=frozenset)
+    status: str | None = None
+    min_amount: int | None = None
+    max_amount: int | None = None
+    counterparty: str | None = None
+    text: str | None = None
+    page_size: int = 0
+    page_token: str = ""
+
+
+def _validate(query: HistoryQuery) -> None:
+    unknown = query.types - TYPES
+    if unknown:
+        raise InvalidArgument(
+            f"unknown transaction type {sorted(unknown)[0][:32]!r}", reason="INVALID_TYPE"
+        )
+    if query.status is not None and query.status not in STATUSES:
+        raise InvalidArgument("unknown status", reason="INVALID_STATUS")
+    for value, name in ((query.min_amount, "min_amount"), (query.max_amount, "max_amount")):
+        if value is not None and value < 0:
+            raise InvalidArgument(f"{name} must not be negative", reason="INVALID_AMOUNT")
+    if query.text is not None and len(query.text) > 200:
+        raise InvalidArgument("the search text is at most 200 characters", reason="INVALID_QUERY")
+    if query.counterparty is not None and len(query.counterparty) > 200:
+        raise InvalidArgument("counterparty is at most 200 characters", reason="INVALID_QUERY")
+
+
+async def list_transactions(conn: DbConn, query: HistoryQuery) -> tuple[list[asyncpg.Record], str]:
+    """A wallet's history, newest first, cursor-paged. Amount filters apply
+    to the absolute amount; the text search matches words of the description
+    and counterparty."""
+    _validate(query)
+    limit = page_size(query.page_size)
+    cursor = decode_cursor(query.page_token, uuid.UUID)
+    conditions = ["wallet_id = $1"]
+    params: list[object] = [query.wallet_id]
+
+    def add(sql: str, value: object) -> None:
+        params.append(value)
+        conditions.append(sql.replace("?", f"${len(params)}"))
+
+    if query.start is not None:
+        add("created_at >= ?", query.start)
+    if query.end is not None:
+        add("created_at < ?", query.end)
+    if query.types:
+        add("type = ANY(?::text[])", sorted(query.types))
+    if query.status is not None:
+        add("status = ?", query.status)
+    if query.min_amount is not None:
+        add("abs(amount) >= ?", query.min_amount)
+    if query.max_amount is not None:
+        add("abs(amount) <= ?", query.max_amount)
+    if query.counterparty:
+        add("counterparty ILIKE ?", "%" + _escape_like(query.counterparty) + "%")
+    if query.text:
+        add("search @@ plainto_tsquery('simple', ?)", query.text)
+    if cursor is not None:
+        params.extend(cursor)
+        conditions.append(f"(created_at, txn_id) < (${len(params) - 1}, ${len(params)})")
+    params.append(limit + 1)
+    rows = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM transactions
+         WHERE {" AND ".join(conditions)}
+         ORDER BY created_at DESC, txn_id DESC LIMIT ${len(params)}
+        """,
+        *params,
+    )
+    page = list(rows[:limit])
+    token = encode_cursor(page[-1]["created_at"], page[-1]["txn_id"]) if len(rows) > limit else ""
+    return page, token
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
