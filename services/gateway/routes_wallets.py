@@ -1,9 +1,10 @@
 """Wallets, P2P transfers and the ledger's verifier over HTTP."""
 
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from moneta.common.v1.money_pb2 import Money
@@ -19,6 +20,7 @@ from services.gateway.deps import (
     authorize_user_access,
     call,
     parse_amount,
+    require_role,
 )
 
 router = APIRouter()
@@ -234,3 +236,158 @@ async def verify_ledger(who: Caller, ups: Peers) -> VerifyAnswer:
         transfers_checked=r.transfers_checked,
         entries_checked=r.entries_checked,
     )
+
+
+class StatusBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: str = Field(pattern="^(ACTIVE|FROZEN|CLOSED)$")
+    reason: str = Field(min_length=1, max_length=500)
+
+
+@router.put("/api/v1/wallets/{wallet_id}/status", tags=["wallets"], responses=ERROR_RESPONSES)
+async def update_wallet_status(
+    wallet_id: str, body: StatusBody, who: Caller, ups: Peers
+) -> WalletAnswer:
+    """Freezes, unfreezes or closes a wallet, recording who and why.
+    Managers (own company) and admins."""
+    require_role(who, "manager", "admin")
+    current = await call(
+        who, ups.wallet.GetWallet, wallet_pb2.GetWalletRequest(wallet_id=wallet_id)
+    )
+    if current.wallet.user_id == who.user_id and who.role != "admin":
+        raise PermissionDenied(
+            "a manager cannot change their own wallet", reason="SELF_ACTION_FORBIDDEN"
+        )
+    await authorize_user_access(ups, who, current.wallet.user_id, "WALLET_NOT_FOUND")
+    response = await call(
+        who,
+        ups.wallet.UpdateWalletStatus,
+        wallet_pb2.UpdateWalletStatusRequest(
+            wallet_id=wallet_id,
+            status=wallet_pb2.WalletStatus.Value(f"WALLET_STATUS_{body.status}"),
+            reason=body.reason,
+        ),
+    )
+    return wallet_answer(response.wallet)
+
+
+class PinBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pin: str = Field(min_length=4, max_length=6)
+    current_pin: str = Field(default="", max_length=6)
+
+
+@router.put("/api/v1/wallet/pin", status_code=204, tags=["wallets"], responses=ERROR_RESPONSES)
+async def set_pin(body: PinBody, who: Caller, ups: Peers) -> Response:
+    """Sets the caller's wallet PIN (4 to 6 digits), or changes it with the
+    current one."""
+    await call(
+        who,
+        ups.wallet.SetPin,
+        wallet_pb2.SetPinRequest(user_id=who.user_id, pin=body.pin, current_pin=body.current_pin),
+    )
+    return Response(status_code=204)
+
+
+class HistoryItem(BaseModel):
+    id: str
+    type: str
+    amount: str
+    currency: str
+    counterparty: str
+    timestamp: str
+    status: str
+    description: str
+    balance_after: str | None
+
+
+class HistoryAnswer(BaseModel):
+    transactions: list[HistoryItem]
+    balance: str
+    currency: str
+    next_page_token: str
+
+
+@router.get("/api/v1/wallet/{user_id}/transactions", tags=["wallets"], responses=ERROR_RESPONSES)
+async def list_transactions(
+    user_id: str,
+    who: Caller,
+    ups: Peers,
+    from_: Annotated[datetime | None, Query(alias="from")] = None,
+    to: datetime | None = None,
+    type: Annotated[list[str] | None, Query(max_length=10)] = None,
+    status: str | None = Query(default=None, max_length=20),
+    min_amount: Amount | None = None,
+    max_amount: Amount | None = None,
+    counterparty: str | None = Query(default=None, max_length=200),
+    q: str | None = Query(default=None, max_length=200),
+    page_size: int = Query(default=50, ge=1, le=200),
+    page_token: str = Query(default="", max_length=500),
+) -> HistoryAnswer:
+    """A wallet's history, newest first, with filters and cursor paging."""
+    await authorize_user_access(ups, who, user_id, "WALLET_NOT_FOUND")
+    wallet = (
+        await call(who, ups.wallet.GetWallet, wallet_pb2.GetWalletRequest(user_id=user_id))
+    ).wallet
+    currency = wallet.currency
+    request = wallet_pb2.ListTransactionsRequest(
+        wallet_id=wallet.wallet_id,
+        types=[
+            _enum_value(wallet_pb2.TransactionType, "TRANSACTION_TYPE_", t, "type")
+            for t in type or ()
+        ],
+        status=_enum_value(
+            wallet_pb2.TransactionStatus, "TRANSACTION_STATUS_", status or "UNSPECIFIED", "status"
+        ),
+        min_amount=parse_amount(min_amount, currency, "min_amount")
+        if min_amount is not None
+        else 0,
+        max_amount=parse_amount(max_amount, currency, "max_amount")
+        if max_amount is not None
+        else 0,
+        counterparty=counterparty or "",
+        query=q or "",
+        page_size=page_size,
+        page_token=page_token,
+    )
+    if from_ is not None:
+        request.start_time.FromDatetime(_aware(from_))
+    if to is not None:
+        request.end_time.FromDatetime(_aware(to))
+    response = await call(who, ups.wallet.ListTransactions, request)
+    return HistoryAnswer(
+        transactions=[
+            HistoryItem(
+                id=t.id,
+                type=wallet_pb2.TransactionType.Name(t.type).removeprefix("TRANSACTION_TYPE_"),
+                amount=to_major_units(t.amount.amount, t.amount.currency),
+                currency=t.amount.currency,
+                counterparty=t.counterparty,
+                timestamp=t.created_at.ToDatetime(tzinfo=UTC).isoformat(),
+                status=wallet_pb2.TransactionStatus.Name(t.status).removeprefix(
+                    "TRANSACTION_STATUS_"
+                ),
+                description=t.description,
+                balance_after=to_major_units(t.balance_after, t.amount.currency),
+            )
+            for t in response.transactions
+        ],
+        balance=to_major_units(response.wallet.balance, response.wallet.currency),
+        currency=response.wallet.currency,
+        next_page_token=response.next_page_token,
+    )
+
+
+def _enum_value(enum: Any, prefix: str, name: str, field: str) -> Any:
+    try:
+        return enum.Value(prefix + name.upper())
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown {field} {name[:32]!r}", reason=f"INVALID_{field.upper()}"
+        ) from None
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

@@ -8,8 +8,10 @@ import grpc
 from moneta.common.v1.money_pb2 import Money
 from moneta.wallet.v1 import wallet_pb2 as pb
 from moneta.wallet.v1 import wallet_pb2_grpc
-from services.common.grpc_util import timestamp
-from services.wallet import handlers
+from services.common.errors import InvalidArgument
+from services.common.grpc_util import actor_id, optional_timestamp, timestamp
+from services.common.ids import parse_uuid
+from services.wallet import handlers, history, pins
 from services.wallet.api_banking import BankingApi
 from services.wallet.api_payments import PaymentsApi
 from services.wallet.config import WalletSettings
@@ -131,3 +133,75 @@ class WalletApi(BankingApi, PaymentsApi, wallet_pb2_grpc.WalletServiceServicer):
             status=pb.TransactionStatus.Value(f"TRANSACTION_STATUS_{outcome.status}"),
             sender_balance=Money(amount=outcome.sender_balance, currency=outcome.currency),
         )
+
+    async def UpdateWalletStatus(
+        self, request: pb.UpdateWalletStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateWalletStatusResponse:
+        view = await handlers.update_wallet_status(
+            self._pool,
+            self._peers,
+            request.wallet_id,
+            request.status,
+            request.reason,
+            actor_id(context) or "unknown",
+        )
+        return pb.UpdateWalletStatusResponse(wallet=wallet_to_pb(view))
+
+    async def SetPin(
+        self, request: pb.SetPinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetPinResponse:
+        await pins.set_pin(self._pool, request.user_id, request.pin, request.current_pin)
+        return pb.SetPinResponse()
+
+    async def ListTransactions(
+        self, request: pb.ListTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTransactionsResponse:
+        query = history.HistoryQuery(
+            wallet_id=parse_uuid(request.wallet_id, "wallet_id"),
+            start=optional_timestamp(request, "start_time"),
+            end=optional_timestamp(request, "end_time"),
+            types=frozenset(_type_name(t) for t in request.types),
+            status=_status_name(request.status) if request.status else None,
+            min_amount=request.min_amount or None,
+            max_amount=request.max_amount or None,
+            counterparty=request.counterparty or None,
+            text=request.query or None,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        rows, token, _ = await handlers.list_transactions(self._pool, query)
+        view = await handlers.get_wallet(self._pool, self._peers, wallet_id=request.wallet_id)
+        return pb.ListTransactionsResponse(
+            transactions=[transaction_to_pb(r) for r in rows],
+            next_page_token=token,
+            wallet=wallet_to_pb(view),
+        )
+
+
+def _type_name(value: int) -> str:
+    try:
+        return str(pb.TransactionType.Name(value)).removeprefix("TRANSACTION_TYPE_")  # type: ignore[arg-type]
+    except ValueError:
+        raise InvalidArgument("unknown transaction type", reason="INVALID_TYPE") from None
+
+
+def _status_name(value: int) -> str:
+    try:
+        return str(pb.TransactionStatus.Name(value)).removeprefix("TRANSACTION_STATUS_")  # type: ignore[arg-type]
+    except ValueError:
+        raise InvalidArgument("unknown transaction status", reason="INVALID_STATUS") from None
+
+
+def transaction_to_pb(row: asyncpg.Record) -> pb.Transaction:
+    return pb.Transaction(
+        id=str(row["txn_id"]),
+        wallet_id=str(row["wallet_id"]),
+        type=pb.TransactionType.Value(f"TRANSACTION_TYPE_{row['type']}"),
+        amount=Money(amount=row["amount"], currency=row["currency"]),
+        counterparty=row["counterparty"],
+        status=pb.TransactionStatus.Value(f"TRANSACTION_STATUS_{row['status']}"),
+        description=row["description"],
+        balance_after=row["balance_after"] or 0,
+        reference_id=row["reference_id"],
+        created_at=timestamp(row["created_at"]),
+    )

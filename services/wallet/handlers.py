@@ -667,3 +667,59 @@ async def _ensure_wallet_account(
     async with pool.acquire() as conn:
         await store.insert_wallet_account(conn, wallet["wallet_id"], currency, account_id)
     return account_id
+
+
+# ---------------------------------------------------------------- status
+
+
+async def update_wallet_status(
+    pool: asyncpg.Pool, peers: Peers, wallet_id: str, status: int, reason: str, actor: str
+) -> WalletView:
+    """ACTIVE ⇄ FROZEN; CLOSED only with zero balances and no holds, and for
+    good. Every change records who, when and why."""
+    wid = parse_uuid(wallet_id, "wallet_id")
+    try:
+        wanted = WalletStatus(status)
+    except ValueError:
+        raise InvalidArgument(
+            "status must be ACTIVE, FROZEN or CLOSED", reason="INVALID_STATUS"
+        ) from None
+    reason = reason.strip()
+    if not reason or len(reason) > 500:
+        raise InvalidArgument(
+            "a reason of 1 to 500 characters is required", reason="INVALID_REASON"
+        )
+    async with pool.acquire() as conn:
+        wallet = await store.fetch_wallet(conn, wallet_id=wid)
+        if wallet is None:
+            raise NotFound("no such wallet", reason="WALLET_NOT_FOUND")
+        accounts = await store.wallet_accounts(conn, wid)
+    current = WalletStatus(wallet["status"])
+    if current == wanted:
+        return await get_wallet(pool, peers, wallet_id=wallet_id)
+    if current == WalletStatus.CLOSED:
+        raise FailedPrecondition("a closed wallet stays closed", reason="WALLET_CLOSED")
+    if wanted == WalletStatus.CLOSED:
+        balances = await peers.balances(list(accounts.values()))
+        if any(b.posted or b.debits_pending or b.credits_pending for b in balances.values()):
+            raise FailedPrecondition(
+                "only a wallet with zero balances and no pending money can be closed",
+                reason="WALLET_NOT_EMPTY",
+            )
+    async with pool.acquire() as conn, conn.transaction():
+        changed = await store.change_wallet_status(conn, wid, current, wanted, reason, actor)
+    if not changed:
+        raise Aborted("the wallet changed meanwhile; try again", reason="CONCURRENT_UPDATE")
+    log.info("wallet_status_changed", wallet_id=wallet_id, status=wanted.name, actor=actor)
+    return await get_wallet(pool, peers, wallet_id=wallet_id)
+
+
+async def list_transactions(
+    pool: asyncpg.Pool, query: history.HistoryQuery
+) -> tuple[list[asyncpg.Record], str, asyncpg.Record]:
+    async with pool.acquire() as conn:
+        wallet = await store.fetch_wallet(conn, wallet_id=query.wallet_id)
+        if wallet is None:
+            raise NotFound("no such wallet", reason="WALLET_NOT_FOUND")
+        rows, token = await history.list_transactions(conn, query)
+    return rows, token, wallet

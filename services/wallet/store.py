@@ -250,3 +250,35 @@ async def fail_payment(conn: DbConn, payment_id: uuid.UUID, reason: str, message
         reason,
         message,
     )
+
+
+async def change_wallet_status(
+    conn: DbConn, wallet_id: uuid.UUID, old: int, new: int, reason: str, actor: str
+) -> bool:
+    """Moves the wallet from ``old`` to ``new`` and records the change; False
+    if it was no longer ``old``."""
+    changed = await conn.fetchval(
+        """
+        UPDATE wallets SET status = $3, updated_at = now()
+         WHERE wallet_id = $1 AND status = $2 RETURNING wallet_id
+        """,
+        wallet_id,
+        int(old),
+        int(new),
+    )
+    if changed is None:
+        return False
+    await conn.execute(
+        """
+        INSERT INTO wallet_status_changes (change_id, wallet_id, old_status, new_status, reason,
+                                           actor_id)
+        VALUES ($1, $2, $3, $4, $5, $6)
+        """,
+        uuid.uuid4(),
+        wallet_id,
+        int(old),
+        int(new),
+        reason,
+        actor,
+    )
+    return True

@@ -1,0 +1,116 @@
+"""Wallet PINs: 4 to 6 digits, kept as argon2id hashes. Five wrong tries
+lock step-up confirmation for 15 minutes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from argon2 import PasswordHasher
+from argon2.exceptions import VerificationError, VerifyMismatchError
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.common.ids import parse_uuid
+
+MAX_TRIES = 5
+LOCKOUT = timedelta(minutes=15)
+_PIN_RE = re.compile(r"^[0-9]{4,6}$")
+# argon2id with the library's defaults (RFC 9106 low-memory profile).
+_hasher = PasswordHasher()
+
+
+def validate_pin(pin: str) -> str:
+    if not _PIN_RE.match(pin):
+        raise InvalidArgument("a PIN is 4 to 6 digits", reason="INVALID_PIN_FORMAT")
+    return pin
+
+
+async def _hash(pin: str) -> str:
+    # Memory-hard on purpose: off the event loop.
+    return await asyncio.to_thread(_hasher.hash, pin)
+
+
+async def _matches(pin_hash: str, pin: str) -> bool:
+    try:
+        return await asyncio.to_thread(_hasher.verify, pin_hash, pin)
+    except (VerifyMismatchError, VerificationError):
+        return False
+
+
+async def set_pin(pool: asyncpg.Pool, user_id: str, pin: str, current_pin: str) -> None:
+    """Sets the PIN, or changes it when the current one is given right."""
+    uid = parse_uuid(user_id, "user_id")
+    validate_pin(pin)
+    async with pool.acquire() as conn:
+        exists = await conn.fetchval("SELECT 1 FROM users WHERE user_id = $1", uid)
+        if not exists:
+            raise NotFound("no such user", reason="USER_NOT_FOUND")
+        has_pin = await conn.fetchval("SELECT 1 FROM wallet_pins WHERE user_id = $1", uid)
+    if has_pin:
+        if not current_pin:
+            raise InvalidArgument(
+                "changing a PIN needs the current one", reason="CURRENT_PIN_REQUIRED"
+            )
+        await verify_pin(pool, user_id, current_pin)
+    pin_hash = await _hash(pin)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            """
+            INSERT INTO wallet_pins (user_id, pin_hash) VALUES ($1, $2)
+            ON CONFLICT (user_id) DO UPDATE
+               SET pin_hash = EXCLUDED.pin_hash, failed_tries = 0, locked_until = NULL,
+                   updated_at = now()
+            """,
+            uid,
+            pin_hash,
+        )
+
+
+async def verify_pin(pool: asyncpg.Pool, user_id: str, pin: str) -> None:
+    """Passes for the right PIN; counts a wrong one and locks after five."""
+    uid = parse_uuid(user_id, "user_id")
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT pin_hash, failed_tries, locked_until FROM wallet_pins WHERE user_id = $1", uid
+        )
+    if row is None:
+        raise FailedPrecondition("no PIN is set", reason="PIN_NOT_SET")
+    now = datetime.now(UTC)
+    if row["locked_until"] is not None and row["locked_until"] > now:
+        raise FailedPrecondition(
+            "too many wrong PINs; try again later",
+            reason="PIN_LOCKED",
+            details={"locked_until": row["locked_until"].isoformat()},
+        )
+    if await _matches(row["pin_hash"], pin):
+        if row["failed_tries"]:
+            await _reset(pool, uid)
+        return
+    await _count_failure(pool, uid, now)
+    raise PermissionDenied("the PIN is wrong", reason="PIN_INCORRECT")
+
+
+async def _reset(pool: asyncpg.Pool, uid: uuid.UUID) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE wallet_pins SET failed_tries = 0, locked_until = NULL WHERE user_id = $1", uid
+        )
+
+
+async def _count_failure(pool: asyncpg.Pool, uid: uuid.UUID, now: datetime) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute(
+            """
+            UPDATE wallet_pins
+               SET failed_tries = CASE WHEN failed_tries + 1 >= $2 THEN 0 ELSE failed_tries + 1 END,
+                   locked_until = CASE WHEN failed_tries + 1 >= $2 THEN $3 ELSE locked_until END,
+                   updated_at = now()
+             WHERE user_id = $1
+            """,
+            uid,
+            MAX_TRIES,
+            now + LOCKOUT,
+        )
