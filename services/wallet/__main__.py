@@ -8,10 +8,12 @@ from pathlib import Path
 
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.db import create_pool, pool_check
+from services.common.infra import redis_client
 from services.common.runner import run_service
 from services.common.server import GrpcService, configured_service
 from services.wallet import handlers
 from services.wallet.api import SERVICE_NAME, WalletApi
+from services.wallet.balance_cache import BalanceCache
 from services.wallet.config import WalletSettings
 from services.wallet.peers import Peers
 
@@ -23,11 +25,13 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
     pool = await create_pool(
         settings.database_url("wallet"), settings.db_pool_min, settings.db_pool_max
     )
+    redis = redis_client(settings.redis_url)
     peers = Peers(
         settings.ledger_addr,
         settings.budget_addr,
         settings.fraud_addr,
         settings.peer_timeout_seconds,
+        BalanceCache(redis, settings.redis_prefix),
     )
     try:
         # Contract methods not implemented yet answer UNIMPLEMENTED.
@@ -50,6 +54,7 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
         )
     finally:
         await peers.close()
+        await redis.aclose()
         await pool.close()
 
 

@@ -18,6 +18,7 @@ from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from moneta.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.common.errors import Internal, from_rpc_error
 from services.common.interceptors import peer_channel
+from services.wallet.balance_cache import BalanceCache
 
 T = TypeVar("T")
 
@@ -30,7 +31,15 @@ async def _call(call: Awaitable[T]) -> T:
 
 
 class Peers:
-    def __init__(self, ledger_addr: str, budget_addr: str, fraud_addr: str, timeout: float) -> None:
+    def __init__(
+        self,
+        ledger_addr: str,
+        budget_addr: str,
+        fraud_addr: str,
+        timeout: float,
+        cache: BalanceCache | None = None,
+    ) -> None:
+        self.cache = cache or BalanceCache(None, "")
         self._channels = [peer_channel(a, timeout) for a in (ledger_addr, budget_addr, fraud_addr)]
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels[0])
         self.budget = budget_pb2_grpc.BudgetServiceStub(self._channels[1])
@@ -61,19 +70,25 @@ class Peers:
                 )
 
     async def create_transfer(self, transfer: ledger_pb2.Transfer) -> ledger_pb2.TransferResult:
-        response: ledger_pb2.CreateTransfersResponse = await _call(
-            self.ledger.CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=[transfer]))
-        )
-        return response.results[0]
+        return (await self.create_transfers([transfer]))[0]
 
     async def create_transfers(
         self, transfers: Sequence[ledger_pb2.Transfer]
     ) -> list[ledger_pb2.TransferResult]:
         """Several transfers in one request (a linked chain, say): one result
         each, in order."""
-        response: ledger_pb2.CreateTransfersResponse = await _call(
-            self.ledger.CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=transfers))
-        )
+        touched = {t.debit_account_id for t in transfers} | {t.credit_account_id for t in transfers}
+        try:
+            response: ledger_pb2.CreateTransfersResponse = await _call(
+                self.ledger.CreateTransfers(ledger_pb2.CreateTransfersRequest(transfers=transfers))
+            )
+        finally:
+            # Whatever the outcome (even unknown), the balances may have moved.
+            await self.cache.invalidate(touched)
+        stored = {r.transfer.debit_account_id for r in response.results if r.HasField("transfer")}
+        stored |= {r.transfer.credit_account_id for r in response.results if r.HasField("transfer")}
+        if stored - touched:
+            await self.cache.invalidate(stored - touched)
         return list(response.results)
 
     async def lookup_transfer(self, transfer_id: uuid.UUID) -> ledger_pb2.Transfer | None:
@@ -84,6 +99,12 @@ class Peers:
         return response.transfers[0] if response.transfers else None
 
     async def balances(self, account_ids: Sequence[uuid.UUID]) -> dict[str, ledger_pb2.Balance]:
+        """Balances by account id, read through the cache."""
+        return await self.cache.balances(account_ids, self._ledger_balances)
+
+    async def _ledger_balances(
+        self, account_ids: Sequence[uuid.UUID]
+    ) -> dict[str, ledger_pb2.Balance]:
         response = await _call(
             self.ledger.GetBalances(
                 ledger_pb2.GetBalancesRequest(account_ids=[str(a) for a in account_ids])

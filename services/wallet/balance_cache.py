@@ -1,0 +1,120 @@
+"""A Redis read-through cache of ledger balances, per ledger account.
+
+Every ledger write the wallet makes invalidates the accounts it touched
+before the wallet answers, so a user always reads their own writes. A
+reader fills the cache only if no invalidation happened since it began (a
+generation counter, checked and set atomically in Redis), so a slow read can
+never put back a balance older than a write. With Redis unavailable, reads
+go to the ledger and nothing fails.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import Counter
+from redis.exceptions import RedisError
+
+from moneta.ledger.v1 import ledger_pb2
+
+log = structlog.get_logger("moneta.wallet.cache")
+
+TTL_SECONDS = 300
+CACHE_READS = Counter(
+    "moneta_wallet_balance_cache_reads_total", "Balance reads, by outcome.", ["outcome"]
+)
+
+# Sets the cached balance only while the generation is the one the reader saw.
+_SET_IF_GENERATION = """
+local current = redis.call('GET', KEYS[2])
+if current == false then current = '0' end
+if current == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+    return 1
+end
+return 0
+"""
+
+Fetch = Callable[[Sequence[uuid.UUID]], Awaitable[dict[str, ledger_pb2.Balance]]]
+
+
+class BalanceCache:
+    def __init__(self, client: aioredis.Redis | None, prefix: str) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._set_script = client.register_script(_SET_IF_GENERATION) if client else None
+
+    def _keys(self, account: uuid.UUID | str) -> tuple[str, str]:
+        return f"{self._prefix}balance:{account}", f"{self._prefix}balance-gen:{account}"
+
+    async def balances(
+        self, accounts: Sequence[uuid.UUID], fetch: Fetch
+    ) -> dict[str, ledger_pb2.Balance]:
+        """Cached balances, the misses fetched (in one call) and cached."""
+        if self._redis is None or not accounts:
+            return await fetch(accounts)
+        try:
+            keys = [self._keys(a) for a in accounts]
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.mget([k for k, _ in keys])
+            pipe.mget([g for _, g in keys])
+            cached, generations = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            CACHE_READS.labels("redis_down").inc()
+            log.warning("balance_cache_unavailable", error=str(exc))
+            return await fetch(accounts)
+        found: dict[str, ledger_pb2.Balance] = {}
+        missing: list[uuid.UUID] = []
+        for account, raw in zip(accounts, cached, strict=True):
+            if raw is None:
+                missing.append(account)
+            else:
+                found[str(account)] = ledger_pb2.Balance.FromString(raw)
+        CACHE_READS.labels("hit").inc(len(found))
+        if missing:
+            CACHE_READS.labels("miss").inc(len(missing))
+            fetched = await fetch(missing)
+            found.update(fetched)
+            seen = dict(zip((str(a) for a in accounts), generations, strict=True))
+            await self._fill(fetched, seen)
+        return found
+
+    async def _fill(
+        self, fetched: dict[str, ledger_pb2.Balance], generations: dict[str, bytes | None]
+    ) -> None:
+        assert self._set_script is not None
+        try:
+            for account, balance in fetched.items():
+                value, gen = self._keys(account)
+                await self._set_script(
+                    keys=[value, gen],
+                    args=[
+                        generations.get(account) or b"0",
+                        balance.SerializeToString(),
+                        TTL_SECONDS,
+                    ],
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("balance_cache_fill_failed", error=str(exc))
+
+    async def invalidate(self, accounts: Iterable[uuid.UUID | str]) -> None:
+        """Forgets the accounts' balances (after a write, before answering)."""
+        if self._redis is None:
+            return
+        unique = {str(a) for a in accounts if a}
+        if not unique:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            for account in unique:
+                value, gen = self._keys(account)
+                pipe.incr(gen)
+                pipe.expire(gen, TTL_SECONDS * 2)
+                pipe.delete(value)
+            await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            # The entry lives at most its TTL; say so loudly.
+            log.error("balance_cache_invalidation_failed", error=str(exc), accounts=len(unique))

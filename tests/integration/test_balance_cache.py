@@ -1,0 +1,102 @@
+"""The wallet's balance cache against the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+import redis.asyncio as aioredis
+
+from moneta.ledger.v1 import ledger_pb2
+from services.common.infra import redis_client
+from services.wallet.balance_cache import BalanceCache
+from tests.conftest import TestRun
+
+
+class Ledger:
+    """Stands in for the ledger's GetBalances: counts calls, can be held."""
+
+    def __init__(self) -> None:
+        self.available: dict[str, int] = {}
+        self.calls = 0
+        self.hold: asyncio.Event | None = None
+        self.called = asyncio.Event()
+
+    async def fetch(self, accounts: Sequence[uuid.UUID]) -> dict[str, ledger_pb2.Balance]:
+        self.calls += 1
+        self.called.set()
+        snapshot = {str(a): self.available.get(str(a), 0) for a in accounts}
+        if self.hold is not None:
+            await self.hold.wait()
+        return {a: ledger_pb2.Balance(account_id=a, available=v) for a, v in snapshot.items()}
+
+
+@pytest.fixture
+async def redis(test_run: TestRun) -> AsyncIterator[aioredis.Redis]:
+    client = redis_client(test_run.settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def cache(redis: aioredis.Redis, test_run: TestRun) -> BalanceCache:
+    return BalanceCache(redis, f"{test_run.redis_prefix}{uuid.uuid4().hex[:8]}:")
+
+
+async def test_a_second_read_is_served_from_the_cache(cache: BalanceCache) -> None:
+    ledger, account = Ledger(), uuid.uuid4()
+    ledger.available[str(account)] = 500
+
+    first = await cache.balances([account], ledger.fetch)
+    second = await cache.balances([account], ledger.fetch)
+
+    assert first[str(account)].available == second[str(account)].available == 500
+    assert ledger.calls == 1
+
+
+async def test_a_write_invalidates_so_the_next_read_sees_it(cache: BalanceCache) -> None:
+    ledger, account = Ledger(), uuid.uuid4()
+    ledger.available[str(account)] = 500
+    await cache.balances([account], ledger.fetch)
+
+    ledger.available[str(account)] = 300
+    await cache.invalidate([account])
+    after = await cache.balances([account], ledger.fetch)
+
+    assert after[str(account)].available == 300
+
+
+async def test_a_slow_read_overtaken_by_a_write_does_not_cache_the_old_balance(
+    cache: BalanceCache,
+) -> None:
+    ledger, account = Ledger(), uuid.uuid4()
+    ledger.available[str(account)] = 500
+    ledger.hold = asyncio.Event()
+    slow = asyncio.create_task(cache.balances([account], ledger.fetch))
+    await asyncio.wait_for(ledger.called.wait(), 5)  # it has read the old balance
+
+    ledger.available[str(account)] = 300
+    await cache.invalidate([account])
+    ledger.hold.set()
+    stale = await slow
+    ledger.hold = None
+    fresh = await cache.balances([account], ledger.fetch)
+
+    assert stale[str(account)].available == 500  # what it read, answered once
+    assert fresh[str(account)].available == 300  # but never cached
+
+
+async def test_with_redis_unreachable_reads_go_to_the_ledger_and_nothing_fails() -> None:
+    unreachable = redis_client("redis://127.0.0.1:1/0")
+    cache = BalanceCache(unreachable, "x:")
+    ledger, account = Ledger(), uuid.uuid4()
+    ledger.available[str(account)] = 42
+    try:
+        balances = await cache.balances([account], ledger.fetch)
+        await cache.invalidate([account])
+    finally:
+        await unreachable.aclose()
+
+    assert balances[str(account)].available == 42
