@@ -23,7 +23,7 @@ async def start(settings: FraudSettings) -> AsyncIterator[GrpcService]:
     )
     try:
         # Contract methods not implemented yet answer UNIMPLEMENTED.
-        api = FraudApi(pool)  # type: ignore[abstract]
+        api = FraudApi(pool, settings.fraud_review_amount)  # type: ignore[abstract]
         yield configured_service(
             settings,
             name="fraud",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import cast
 
 import asyncpg
@@ -34,8 +35,9 @@ def _subject(value: int) -> Subject:
 
 
 class FraudApi(fraud_pb2_grpc.FraudServiceServicer):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, review_amount: Decimal | None = None) -> None:
         self._pool = pool
+        self._review_amount = review_amount
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
@@ -55,6 +57,7 @@ class FraudApi(fraud_pb2_grpc.FraudServiceServicer):
                 latitude=request.latitude,
                 longitude=request.longitude,
             ),
+            self._review_amount,
         )
         return pb.ScoreResponse(
             transaction_id=request.transaction_id,

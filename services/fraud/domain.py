@@ -52,9 +52,12 @@ def decide(
     subjects: dict[Subject, str],
     blocked: Set[tuple[Subject, str]],
     allowed: Set[tuple[Subject, str]],
+    amount: int = 0,
+    review_threshold: int | None = None,
 ) -> Verdict:
     """A blocklisted user, device, IP or country blocks outright; an
-    allowlisted one is recorded as such."""
+    allowlisted one skips the rules and is recorded as such; an amount at or
+    above the review threshold goes to review (PIN step-up)."""
     hits = [(s, v) for s, v in subjects.items() if v and (s, v) in blocked]
     if hits:
         return Verdict(
@@ -66,6 +69,14 @@ def decide(
             ],
         )
     allow_hits = [(s, v) for s, v in subjects.items() if v and (s, v) in allowed]
+    if not allow_hits and review_threshold is not None and amount >= review_threshold:
+        return Verdict(
+            score=70.0,
+            decision=Decision.REVIEW,
+            reasons=[
+                Reason("LARGE_AMOUNT", "the amount is at or above the review threshold", 70.0)
+            ],
+        )
     return Verdict(
         score=0.0,
         decision=Decision.ALLOW,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 
 import asyncpg
 
 from services.common.errors import AlreadyExists, InvalidArgument
 from services.common.ids import parse_uuid
-from services.common.money import require_positive, validate_currency
+from services.common.money import require_positive, to_minor_units, validate_currency
 from services.fraud.domain import Decision, ListKind, Reason, Subject, Verdict, decide
 
 
@@ -45,7 +46,9 @@ def _validate(cmd: ScoreCommand) -> None:
         raise InvalidArgument("country must be ISO 3166-1 alpha-2", reason="INVALID_COUNTRY")
 
 
-async def score(pool: asyncpg.Pool, cmd: ScoreCommand) -> Verdict:
+async def score(
+    pool: asyncpg.Pool, cmd: ScoreCommand, review_amount: Decimal | None = None
+) -> Verdict:
     """Scores a transaction once: scoring it again returns the first verdict."""
     _validate(cmd)
     subjects = {
@@ -90,7 +93,8 @@ async def score(pool: asyncpg.Pool, cmd: ScoreCommand) -> Verdict:
         allowed = {
             (Subject(r["subject_type"]), r["value"]) for r in rows if r["list"] == ListKind.ALLOW
         }
-        verdict = decide(subjects, blocked, allowed)
+        threshold = to_minor_units(review_amount, cmd.currency) if review_amount else None
+        verdict = decide(subjects, blocked, allowed, cmd.amount, threshold)
         await conn.execute(
             """
             INSERT INTO decisions (transaction_id, user_id, type, amount, currency, score, decision,

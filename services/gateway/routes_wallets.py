@@ -391,3 +391,37 @@ def _enum_value(enum: Any, prefix: str, name: str, field: str) -> Any:
 
 def _aware(at: datetime) -> datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+class ConfirmBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pin: str = Field(min_length=4, max_length=6)
+
+
+class ConfirmAnswer(BaseModel):
+    transfer_id: str
+    status: str
+
+
+@router.post(
+    "/api/v1/transfers/{transfer_id}/confirm", tags=["transfers"], responses=ERROR_RESPONSES
+)
+async def confirm_transfer(
+    transfer_id: str, body: ConfirmBody, who: Caller, ups: Peers
+) -> ConfirmAnswer:
+    """Confirms a transfer held for review (status PENDING_REVIEW) with the
+    payer's PIN. Five wrong PINs lock confirmation for 15 minutes."""
+    response = await call(
+        who,
+        ups.wallet.ConfirmTransfer,
+        wallet_pb2.ConfirmTransferRequest(
+            transfer_id=transfer_id, user_id=who.user_id, pin=body.pin
+        ),
+    )
+    return ConfirmAnswer(
+        transfer_id=response.transfer_id,
+        status=wallet_pb2.TransactionStatus.Name(response.status).removeprefix(
+            "TRANSACTION_STATUS_"
+        ),
+    )

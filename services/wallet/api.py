@@ -127,6 +127,7 @@ class WalletApi(BankingApi, PaymentsApi, wallet_pb2_grpc.WalletServiceServicer):
                 ip=request.ip,
                 country=request.country,
             ),
+            self._settings.review_hold_seconds,
         )
         return pb.TransferResponse(
             transfer_id=str(outcome.transfer_id),
@@ -175,6 +176,17 @@ class WalletApi(BankingApi, PaymentsApi, wallet_pb2_grpc.WalletServiceServicer):
             transactions=[transaction_to_pb(r) for r in rows],
             next_page_token=token,
             wallet=wallet_to_pb(view),
+        )
+
+    async def ConfirmTransfer(
+        self, request: pb.ConfirmTransferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConfirmTransferResponse:
+        outcome = await handlers.confirm_transfer(
+            self._pool, self._peers, request.transfer_id, request.user_id, request.pin
+        )
+        return pb.ConfirmTransferResponse(
+            transfer_id=str(outcome.transfer_id),
+            status=pb.TransactionStatus.Value(f"TRANSACTION_STATUS_{outcome.status}"),
         )
 
 

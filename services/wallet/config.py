@@ -15,6 +15,8 @@ class WalletSettings(CommonSettings):
     # currency: how far wallets can be funded beyond what the company
     # prefunded. Fixed when the account is first opened.
     company_credit_limit: Decimal = Decimal("1000000")
+    # How long a payment flagged for review waits for the payer's PIN.
+    review_hold_seconds: int = 900
 
     # Banking. The key (AES-256-GCM, base64 of 32 bytes) encrypts linked bank
     # account numbers at rest. DEVELOPMENT DEFAULT: set a real key anywhere else.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
 from decimal import Decimal
 
 import asyncpg
@@ -30,12 +31,12 @@ from services.common.errors import (
     InvalidArgument,
     MonetaError,
     NotFound,
-    Unimplemented,
 )
 from services.common.ids import parse_uuid
 from services.common.money import INT64_MAX, require_positive, to_minor_units, validate_currency
-from services.wallet import history, store
+from services.wallet import history, pins, store
 from services.wallet.domain import (
+    NAMESPACE,
     Role,
     UserFields,
     WalletStatus,
@@ -299,7 +300,9 @@ async def _resolve_recipient(conn: DbConn, by: str, value: str) -> asyncpg.Recor
 LEASE_SECONDS = 30.0
 
 
-async def transfer(pool: asyncpg.Pool, peers: Peers, cmd: TransferCommand) -> TransferOutcome:
+async def transfer(
+    pool: asyncpg.Pool, peers: Peers, cmd: TransferCommand, review_seconds: int = 900
+) -> TransferOutcome:
     sender_id = parse_uuid(cmd.sender_id, "sender_id")
     key = validate_idempotency_key(cmd.idempotency_key)
     require_positive(cmd.amount)
@@ -359,7 +362,7 @@ async def transfer(pool: asyncpg.Pool, peers: Peers, cmd: TransferCommand) -> Tr
             )
     step = _Payment(
         pool, peers, pid, cmd, currency, sender_wallet, sender_accounts, recipient_wallet,
-        reservation_id=payment["reservation_id"],
+        reservation_id=payment["reservation_id"], review_seconds=review_seconds,
     )  # fmt: skip
     try:
         return await step.drive(resumed=not fresh)
@@ -383,7 +386,7 @@ def _replay(payment: asyncpg.Record | None) -> TransferOutcome | None:
     if payment["status"] == "FAILED":
         raise FailedPrecondition(payment["failure_message"], reason=payment["failure_reason"])
     return TransferOutcome(
-        payment["payment_id"], "COMPLETED", payment["sender_balance"], payment["currency"]
+        payment["payment_id"], payment["status"], payment["sender_balance"], payment["currency"]
     )
 
 
@@ -406,20 +409,55 @@ class _Payment:
         sender_accounts: dict[str, uuid.UUID],
         recipient_wallet: asyncpg.Record,
         reservation_id: uuid.UUID | None,
+        review_seconds: int = 900,
     ) -> None:
         self.pool, self.peers, self.pid, self.cmd = pool, peers, pid, cmd
+        self.review_seconds = review_seconds
         self.currency = currency
         self.sender_wallet, self.sender_accounts = sender_wallet, sender_accounts
         self.recipient_wallet = recipient_wallet
         self.reservation_id = str(reservation_id) if reservation_id else None
 
     async def drive(self, *, resumed: bool) -> TransferOutcome:
-        moved = resumed and await self.peers.lookup_transfer(self.pid) is not None
-        if not moved:
-            await self._move_money()
-        return await self._complete()
+        placed = await self.peers.lookup_transfer(self.pid) if resumed else None
+        if placed is None:
+            placed = await self._move_money()
+        if placed.type != ledger_pb2.TRANSFER_TYPE_PENDING:
+            return await self._complete()
+        # A review hold: the payer confirms with their PIN, or it expires.
+        if placed.status == ledger_pb2.TRANSFER_STATUS_PENDING_POSTED:
+            return await self._complete()
+        if placed.status != ledger_pb2.TRANSFER_STATUS_PENDING:
+            await self._give_up_review()
+        return await self._await_review(placed)
 
-    async def _move_money(self) -> None:
+    async def _await_review(self, hold: ledger_pb2.Transfer) -> TransferOutcome:
+        account = self.sender_accounts[self.currency]
+        balance = (await self.peers.balances([account]))[str(account)].available
+        expires_at = hold.expires_at.ToDatetime(tzinfo=UTC)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await history.record(
+                conn,
+                history.Movement(
+                    wallet_id=self.sender_wallet["wallet_id"], ledger_transfer_id=self.pid,
+                    type="P2P_OUT", amount=-self.cmd.amount, currency=self.currency,
+                    status="PENDING_REVIEW", description=self.cmd.note,
+                ),
+            )  # fmt: skip
+            await store.hold_for_review(conn, self.pid, balance, expires_at)
+        log.info("transfer_held_for_review", transfer_id=str(self.pid))
+        return TransferOutcome(self.pid, "PENDING_REVIEW", balance, self.currency)
+
+    async def _give_up_review(self) -> None:
+        if self.reservation_id is not None:
+            await self.peers.release(self.reservation_id)
+        async with self.pool.acquire() as conn:
+            await history.set_status(conn, self.pid, "EXPIRED")
+        raise FailedPrecondition("the transfer was not confirmed in time", reason="REVIEW_EXPIRED")
+
+    async def _move_money(self) -> ledger_pb2.Transfer:
+        """Places the transfer in the ledger (or a hold, when fraud asks for a
+        review) and returns it as stored."""
         ensure_can_send(WalletStatus(self.sender_wallet["status"]))
         ensure_can_receive(WalletStatus(self.recipient_wallet["status"]))
         sender_account = self.sender_accounts.get(self.currency)
@@ -429,10 +467,12 @@ class _Payment:
                 reason="INSUFFICIENT_FUNDS",
                 details={"currency": self.currency, "available": 0},
             )
-        await self._score()
+        review = await self._score()
         reservation = await self.peers.reserve(
             self.sender_wallet["user_id"], self.cmd.amount, self.currency, self.cmd.category,
             str(self.pid),
+            # A held payment keeps its budget for as long as its hold lives.
+            ttl_seconds=self.review_seconds + 120 if review else 0,
         )  # fmt: skip
         if reservation.status != budget_pb2.RESERVATION_STATUS_RESERVED:
             # An earlier attempt's reservation lapsed before money moved.
@@ -456,10 +496,14 @@ class _Payment:
                 currency=self.currency,
                 code="P2P",
                 metadata={"kind": "P2P"},
+                type=ledger_pb2.TRANSFER_TYPE_PENDING
+                if review
+                else ledger_pb2.TRANSFER_TYPE_POSTED,
+                timeout_seconds=self.review_seconds if review else 0,
             )
         )
         if result.code in _OK_CODES:
-            return
+            return result.transfer
         await self.peers.release(reservation.reservation_id)
         if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
             raise FailedPrecondition(
@@ -472,7 +516,8 @@ class _Payment:
             reason="LEDGER_REFUSED",
         )
 
-    async def _score(self) -> None:
+    async def _score(self) -> bool:
+        """True when the payment must wait for the payer's PIN."""
         verdict = await self.peers.score(
             fraud_pb2.ScoreRequest(
                 transaction_id=str(self.pid),
@@ -489,11 +534,7 @@ class _Payment:
         if verdict.decision == fraud_pb2.DECISION_BLOCK:
             # Which rule fired is never told to the payer.
             raise TransactionDeclined("the transaction was declined")
-        if verdict.decision == fraud_pb2.DECISION_REVIEW:
-            raise Unimplemented(
-                "step-up review of a flagged transfer is not supported yet",
-                reason="REVIEW_NOT_SUPPORTED",
-            )
+        return bool(verdict.decision == fraud_pb2.DECISION_REVIEW)
 
     async def _complete(self) -> TransferOutcome:
         """The money has moved: count the spend and record the outcome."""
@@ -556,6 +597,20 @@ async def complete_p2p(
                     balance_after=recipient_balance.posted if recipient_balance else None,
                 ),
             )  # fmt: skip
+            # A payment confirmed after review already had its sender's row.
+            await history.set_status(
+                conn,
+                pid,
+                "COMPLETED",
+                {
+                    sender_wallet["wallet_id"]: sender_balance.posted,
+                    **(
+                        {recipient_wallet["wallet_id"]: recipient_balance.posted}
+                        if recipient_balance
+                        else {}
+                    ),
+                },
+            )
             await store.complete_payment(conn, pid, sender_balance.available)
     return int(sender_balance.available)
 
@@ -639,6 +694,7 @@ async def reconcile_forever(pool: asyncpg.Pool, peers: Peers, every_seconds: flo
     while True:
         try:
             await reconcile_stale_payments(pool, peers)
+            await settle_lapsed_reviews(pool, peers)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("reconcile_failed", error=str(exc))
         await asyncio.sleep(every_seconds)
@@ -723,3 +779,101 @@ async def list_transactions(
             raise NotFound("no such wallet", reason="WALLET_NOT_FOUND")
         rows, token = await history.list_transactions(conn, query)
     return rows, token, wallet
+
+
+# ---------------------------------------------------------------- step-up
+
+
+def review_post_id(pid: uuid.UUID) -> uuid.UUID:
+    """The ledger transfer that posts a reviewed payment's hold."""
+    return uuid.uuid5(NAMESPACE, f"review-post:{pid}")
+
+
+async def confirm_transfer(
+    pool: asyncpg.Pool, peers: Peers, transfer_id: str, user_id: str, pin: str
+) -> TransferOutcome:
+    """The payer confirms a payment held for review with their PIN: its hold
+    is posted. Confirming again answers the same."""
+    pid = parse_uuid(transfer_id, "transfer_id")
+    uid = parse_uuid(user_id, "user_id")
+    async with pool.acquire() as conn:
+        payment = await store.fetch_payment(conn, pid)
+    if payment is None or payment["sender_user_id"] != uid:
+        raise NotFound("no such transfer", reason="TRANSFER_NOT_FOUND")
+    replayed = _replay(payment)
+    if replayed is not None and replayed.status == "COMPLETED":
+        return replayed
+    if payment["status"] != "PENDING_REVIEW":
+        raise FailedPrecondition("the transfer is not waiting for confirmation",
+                                 reason="NOT_PENDING_REVIEW")  # fmt: skip
+    await pins.verify_pin(pool, user_id, pin)
+    async with pool.acquire() as conn:
+        if not await store.take_lease(conn, pid, LEASE_SECONDS):
+            raise Aborted("the transfer is being confirmed; retry shortly",
+                          reason="REQUEST_IN_PROGRESS")  # fmt: skip
+        sender_wallet = await store.fetch_wallet(conn, user_id=uid)
+        recipient_wallet = await store.fetch_wallet(conn, user_id=payment["recipient_user_id"])
+    assert sender_wallet is not None and recipient_wallet is not None
+    try:
+        result = await peers.create_transfer(
+            ledger_pb2.Transfer(
+                id=str(review_post_id(pid)),
+                type=ledger_pb2.TRANSFER_TYPE_POST_PENDING,
+                pending_id=str(pid),
+                code="P2P",
+            )
+        )
+        if result.code in (ledger_pb2.TransferResult.PENDING_EXPIRED,
+                           ledger_pb2.TransferResult.PENDING_ALREADY_RESOLVED):  # fmt: skip
+            await _settle_lapsed_review(pool, peers, payment)
+            raise FailedPrecondition("the transfer was not confirmed in time",
+                                     reason="REVIEW_EXPIRED")  # fmt: skip
+        if result.code not in _OK_CODES:
+            raise Internal("the ledger refused the confirmation: "
+                           + ledger_pb2.TransferResult.Code.Name(result.code),
+                           reason="LEDGER_REFUSED")  # fmt: skip
+        reservation = str(payment["reservation_id"]) if payment["reservation_id"] else None
+        await commit_spend(peers, pid, reservation, sender_wallet, payment["amount"],
+                           payment["currency"], "P2P")  # fmt: skip
+        balance = await complete_p2p(pool, peers, pid, sender_wallet, recipient_wallet,
+                                     payment["amount"], payment["currency"], payment["note"])  # fmt: skip
+    finally:
+        async with pool.acquire() as conn:
+            await store.release_lease(conn, pid)
+    log.info("transfer_confirmed", transfer_id=str(pid))
+    return TransferOutcome(pid, "COMPLETED", balance, payment["currency"])
+
+
+async def _settle_lapsed_review(pool: asyncpg.Pool, peers: Peers, payment: asyncpg.Record) -> None:
+    """A review hold that expired: free the budget, mark it all expired."""
+    if payment["reservation_id"]:
+        await peers.release(str(payment["reservation_id"]))
+    # The ledger released the hold by itself: the cached balance is stale.
+    await peers.cache.invalidate(
+        [wallet_account_id(wallet_id_for(payment["sender_user_id"]), payment["currency"])]
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await history.set_status(conn, payment["payment_id"], "EXPIRED")
+        await store.fail_payment(conn, payment["payment_id"], "REVIEW_EXPIRED",
+                                 "the transfer was not confirmed in time")  # fmt: skip
+
+
+async def settle_lapsed_reviews(pool: asyncpg.Pool, peers: Peers) -> int:
+    """Held payments nobody confirmed: once the ledger has expired their hold,
+    their budget is freed and they are marked expired."""
+    async with pool.acquire() as conn:
+        lapsed = await store.lapsed_reviews(conn, limit=100)
+    settled = 0
+    for pid in lapsed:
+        hold = await peers.lookup_transfer(pid)
+        if hold is None or hold.status == ledger_pb2.TRANSFER_STATUS_PENDING:
+            continue  # the ledger's sweeper has not reached it yet
+        async with pool.acquire() as conn:
+            payment = await store.fetch_payment(conn, pid)
+        if payment is None or payment["status"] != "PENDING_REVIEW":
+            continue
+        if hold.status == ledger_pb2.TRANSFER_STATUS_PENDING_POSTED:
+            continue  # confirmed; its confirmation finishes the payment
+        await _settle_lapsed_review(pool, peers, payment)
+        settled += 1
+    return settled

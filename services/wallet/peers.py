@@ -120,7 +120,13 @@ class Peers:
     # ---------------------------------------------------------------- budget
 
     async def reserve(
-        self, user_id: uuid.UUID, amount: int, currency: str, category: str, reference: str
+        self,
+        user_id: uuid.UUID,
+        amount: int,
+        currency: str,
+        category: str,
+        reference: str,
+        ttl_seconds: int = 0,
     ) -> budget_pb2.Reservation:
         response: budget_pb2.ReserveResponse = await _call(
             self.budget.Reserve(
@@ -129,6 +135,7 @@ class Peers:
                     amount=Money(amount=amount, currency=currency),
                     category=category,
                     reference=reference,
+                    ttl_seconds=ttl_seconds,
                 )
             )
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 import asyncpg
 
@@ -18,7 +19,7 @@ _WALLET_COLUMNS = (
 _PAYMENT_COLUMNS = """
     payment_id, kind, sender_user_id, idempotency_key, request_hash, recipient_user_id, amount,
     currency, note, status, failure_reason, failure_message, reservation_id, sender_balance,
-    created_at, updated_at
+    created_at, updated_at, review_expires_at
 """
 _TAKEN_REASONS = {
     "users_email_key": "EMAIL_TAKEN",
@@ -179,12 +180,12 @@ async def claim_payment(
 
 
 async def take_lease(conn: DbConn, payment_id: uuid.UUID, seconds: float) -> bool:
-    """Leases a PROCESSING payment to this attempt; False while another
+    """Leases an unfinished payment to this attempt; False while another
     attempt holds it."""
     row = await conn.fetchval(
         """
         UPDATE payments SET lease_until = now() + make_interval(secs => $2), updated_at = now()
-         WHERE payment_id = $1 AND status = 'PROCESSING'
+         WHERE payment_id = $1 AND status IN ('PROCESSING', 'PENDING_REVIEW')
            AND (lease_until IS NULL OR lease_until < now())
         RETURNING payment_id
         """,
@@ -232,7 +233,7 @@ async def complete_payment(conn: DbConn, payment_id: uuid.UUID, sender_balance: 
         """
         UPDATE payments SET status = 'COMPLETED', sender_balance = $2, lease_until = NULL,
                             updated_at = now()
-         WHERE payment_id = $1 AND status = 'PROCESSING'
+         WHERE payment_id = $1 AND status IN ('PROCESSING', 'PENDING_REVIEW')
         """,
         payment_id,
         sender_balance,
@@ -244,7 +245,7 @@ async def fail_payment(conn: DbConn, payment_id: uuid.UUID, reason: str, message
         """
         UPDATE payments SET status = 'FAILED', failure_reason = $2, failure_message = $3,
                             lease_until = NULL, updated_at = now()
-         WHERE payment_id = $1 AND status = 'PROCESSING'
+         WHERE payment_id = $1 AND status IN ('PROCESSING', 'PENDING_REVIEW')
         """,
         payment_id,
         reason,
@@ -282,3 +283,33 @@ async def change_wallet_status(
         actor,
     )
     return True
+
+
+async def hold_for_review(
+    conn: DbConn, payment_id: uuid.UUID, sender_balance: int, expires_at: datetime
+) -> None:
+    await conn.execute(
+        """
+        UPDATE payments SET status = 'PENDING_REVIEW', sender_balance = $2,
+                            review_expires_at = $3, lease_until = NULL, updated_at = now()
+         WHERE payment_id = $1 AND status = 'PROCESSING'
+        """,
+        payment_id,
+        sender_balance,
+        expires_at,
+    )
+
+
+async def lapsed_reviews(conn: DbConn, limit: int) -> list[uuid.UUID]:
+    """Payments whose review hold has passed its expiry (and a margin for the
+    ledger's sweeper)."""
+    rows = await conn.fetch(
+        """
+        SELECT payment_id FROM payments
+         WHERE status = 'PENDING_REVIEW' AND review_expires_at < now() - interval '5 seconds'
+           AND (lease_until IS NULL OR lease_until < now())
+         ORDER BY review_expires_at LIMIT $1
+        """,
+        limit,
+    )
+    return [r["payment_id"] for r in rows]

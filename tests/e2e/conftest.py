@@ -86,6 +86,9 @@ def mesh(test_run: TestRun, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "MONETA_LOG_FORMAT": "json",
         "MONETA_READINESS_INTERVAL_SECONDS": "0.5",
         "MONETA_SHUTDOWN_GRACE_SECONDS": "2",
+        # Payments of 10,000 or more go to review; their holds live 4 s here.
+        "MONETA_FRAUD_REVIEW_AMOUNT": "10000",
+        "MONETA_REVIEW_HOLD_SECONDS": "4",
     }
     for name, port in ports.items():
         env[f"MONETA_{name.upper()}_PORT"] = str(port)
