@@ -425,3 +425,74 @@ async def confirm_transfer(
             "TRANSACTION_STATUS_"
         ),
     )
+
+
+class AdjustmentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: Amount
+    type: str = Field(pattern="^(CREDIT|DEBIT)$")
+    currency: str | None = Field(default=None, min_length=3, max_length=4)
+    description: str = Field(default="", max_length=500)
+    reference_id: str = Field(min_length=1, max_length=200)
+    reference_type: str = Field(min_length=1, max_length=50)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class TransactionAnswer(BaseModel):
+    txn_id: str
+    amount: str
+    currency: str
+    type: str
+    description: str
+    status: str
+    balance_after: str
+    created_at: str
+
+
+@router.post(
+    "/api/v1/wallets/{wallet_id}/transactions",
+    status_code=201,
+    tags=["wallets"],
+    responses=ERROR_RESPONSES,
+)
+async def post_transaction(
+    wallet_id: str,
+    body: AdjustmentBody,
+    who: Caller,
+    ups: Peers,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> TransactionAnswer:
+    """A CREDIT or DEBIT by an internal service (role ``service``),
+    idempotent by key (or by reference type and id)."""
+    require_role(who, "service")
+    wallet = (
+        await call(who, ups.wallet.GetWallet, wallet_pb2.GetWalletRequest(wallet_id=wallet_id))
+    ).wallet
+    currency = body.currency or wallet.currency
+    response = await call(
+        who,
+        ups.wallet.PostTransaction,
+        wallet_pb2.PostTransactionRequest(
+            wallet_id=wallet_id,
+            amount=Money(amount=parse_amount(body.amount, currency), currency=currency),
+            direction=wallet_pb2.DIRECTION_CREDIT
+            if body.type == "CREDIT"
+            else wallet_pb2.DIRECTION_DEBIT,
+            description=body.description,
+            reference_id=body.reference_id,
+            reference_type=body.reference_type,
+            idempotency_key=body.idempotency_key or idempotency_key or "",
+        ),
+    )
+    t = response.transaction
+    return TransactionAnswer(
+        txn_id=t.id,
+        amount=to_major_units(t.amount.amount, t.amount.currency),
+        currency=t.amount.currency,
+        type=wallet_pb2.TransactionType.Name(t.type).removeprefix("TRANSACTION_TYPE_"),
+        description=t.description,
+        status=wallet_pb2.TransactionStatus.Name(t.status).removeprefix("TRANSACTION_STATUS_"),
+        balance_after=to_major_units(t.balance_after, t.amount.currency),
+        created_at=t.created_at.ToDatetime(tzinfo=UTC).isoformat(),
+    )

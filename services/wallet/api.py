@@ -189,6 +189,27 @@ class WalletApi(BankingApi, PaymentsApi, wallet_pb2_grpc.WalletServiceServicer):
             status=pb.TransactionStatus.Value(f"TRANSACTION_STATUS_{outcome.status}"),
         )
 
+    async def PostTransaction(
+        self, request: pb.PostTransactionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PostTransactionResponse:
+        if request.direction not in (pb.DIRECTION_CREDIT, pb.DIRECTION_DEBIT):
+            raise InvalidArgument("direction must be CREDIT or DEBIT", reason="INVALID_DIRECTION")
+        row = await handlers.post_adjustment(
+            self._pool,
+            self._peers,
+            handlers.AdjustmentCommand(
+                wallet_id=request.wallet_id,
+                amount=request.amount.amount,
+                currency=request.amount.currency,
+                credit=request.direction == pb.DIRECTION_CREDIT,
+                description=request.description,
+                reference_id=request.reference_id,
+                reference_type=request.reference_type,
+                idempotency_key=request.idempotency_key,
+            ),
+        )
+        return pb.PostTransactionResponse(transaction=transaction_to_pb(row))
+
 
 def _type_name(value: int) -> str:
     try:

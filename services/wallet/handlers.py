@@ -877,3 +877,91 @@ async def settle_lapsed_reviews(pool: asyncpg.Pool, peers: Peers) -> int:
         await _settle_lapsed_review(pool, peers, payment)
         settled += 1
     return settled
+
+
+# ---------------------------------------------------------------- adjustments
+
+
+def adjustment_account_id(currency: str) -> uuid.UUID:
+    """The outside world, for adjustments internal services make."""
+    return uuid.uuid5(NAMESPACE, f"adjustments:{currency}")
+
+
+@dataclass(frozen=True)
+class AdjustmentCommand:
+    wallet_id: str
+    amount: int
+    currency: str
+    credit: bool
+    description: str
+    reference_id: str
+    reference_type: str
+    idempotency_key: str
+
+
+async def post_adjustment(
+    pool: asyncpg.Pool, peers: Peers, cmd: AdjustmentCommand
+) -> asyncpg.Record:
+    """A CREDIT or DEBIT an internal service makes to a wallet, against the
+    platform's adjustments account in the currency. Idempotent by key: the
+    same key answers the same transaction; with other values, refused."""
+    wid = parse_uuid(cmd.wallet_id, "wallet_id")
+    require_positive(cmd.amount)
+    currency = validate_currency(cmd.currency)
+    key = validate_idempotency_key(
+        cmd.idempotency_key or f"{cmd.reference_type}:{cmd.reference_id}"
+    )
+    if len(cmd.description) > 500 or len(cmd.reference_id) > 200 or len(cmd.reference_type) > 50:
+        raise InvalidArgument("a text field is too long", reason="FIELD_TOO_LONG")
+    async with pool.acquire() as conn:
+        wallet = await store.fetch_wallet(conn, wallet_id=wid)
+    if wallet is None:
+        raise NotFound("no such wallet", reason="WALLET_NOT_FOUND")
+    status = WalletStatus(wallet["status"])
+    if cmd.credit:
+        ensure_can_receive(status)
+    else:
+        ensure_can_send(status)
+    wallet_account = await _ensure_wallet_account(pool, peers, wallet, currency)
+    outside = adjustment_account_id(currency)
+    await peers.create_accounts(
+        [ledger_pb2.Account(id=str(outside), currency=currency, type=ledger_pb2.ACCOUNT_TYPE_EXTERNAL,
+                            metadata={"purpose": "adjustments"})],
+        keep_existing=True,
+    )  # fmt: skip
+    transfer_id = uuid.uuid5(NAMESPACE, f"adjustment:{wid}:{key}")
+    debit, credit = (outside, wallet_account) if cmd.credit else (wallet_account, outside)
+    result = await peers.create_transfer(
+        ledger_pb2.Transfer(
+            id=str(transfer_id), debit_account_id=str(debit), credit_account_id=str(credit),
+            amount=cmd.amount, currency=currency, code="ADJUSTMENT",
+            metadata={"reference_type": cmd.reference_type, "reference_id": cmd.reference_id},
+        )
+    )  # fmt: skip
+    if result.code == ledger_pb2.TransferResult.EXISTS_WITH_DIFFERENT_FIELDS:
+        raise AlreadyExists("this idempotency key was used for a different request",
+                            reason="IDEMPOTENCY_KEY_REUSED")  # fmt: skip
+    if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
+        raise FailedPrecondition("insufficient funds", reason="INSUFFICIENT_FUNDS",
+                                 details={"currency": currency})  # fmt: skip
+    if result.code not in _OK_CODES:
+        raise Internal("the ledger refused the adjustment: "
+                       + ledger_pb2.TransferResult.Code.Name(result.code),
+                       reason="LEDGER_REFUSED")  # fmt: skip
+    balance = (await peers.balances([wallet_account]))[str(wallet_account)]
+    async with pool.acquire() as conn:
+        await history.record(
+            conn,
+            history.Movement(
+                wallet_id=wid, ledger_transfer_id=transfer_id, type="ADJUSTMENT",
+                amount=cmd.amount if cmd.credit else -cmd.amount, currency=currency,
+                status="COMPLETED", counterparty=cmd.reference_type,
+                description=cmd.description, reference_id=cmd.reference_id,
+                balance_after=balance.posted,
+            ),
+        )  # fmt: skip
+        row = await conn.fetchrow(
+            "SELECT * FROM transactions WHERE txn_id = $1", history.txn_id(transfer_id, wid)
+        )
+    assert row is not None
+    return row

@@ -200,3 +200,38 @@ async def test_five_wrong_pins_lock_the_pin(
 
     assert reasons == ["PIN_INCORRECT"] * 5 + ["PIN_LOCKED"]
     assert locked_even_with_the_right_pin.json()["error"]["reason"] == "PIN_LOCKED"
+
+
+async def test_an_internal_service_credits_and_debits_a_wallet_once_per_key(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    alice = await create_person(wallet_stub, http, mesh, "10.00")
+    wallet_id = (await http.get(f"/api/v1/wallets/{alice.user_id}", headers=mesh.admin())).json()[
+        "wallet_id"
+    ]
+    service = mesh.auth("booking-service", "service")
+    credit = {"amount": "5.00", "type": "CREDIT", "description": "goodwill",
+              "reference_id": "case-1", "reference_type": "SUPPORT"}  # fmt: skip
+
+    first = await http.post(
+        f"/api/v1/wallets/{wallet_id}/transactions", json=credit, headers=service
+    )
+    again = await http.post(
+        f"/api/v1/wallets/{wallet_id}/transactions", json=credit, headers=service
+    )
+    too_much = await http.post(
+        f"/api/v1/wallets/{wallet_id}/transactions",
+        json={**credit, "type": "DEBIT", "amount": "100.00", "reference_id": "case-2"},
+        headers=service,
+    )
+    as_user = await http.post(
+        f"/api/v1/wallets/{wallet_id}/transactions", json=credit, headers=mesh.auth(alice.user_id)
+    )
+
+    assert first.status_code == 201
+    assert (first.json()["amount"], first.json()["balance_after"]) == ("5.00", "15.00")
+    assert again.json()["txn_id"] == first.json()["txn_id"]
+    assert too_much.status_code == 422
+    assert as_user.status_code == 403
+    balance = (await http.get(f"/api/v1/wallets/{alice.user_id}", headers=mesh.admin())).json()
+    assert balance["balance"] == "15.00"
