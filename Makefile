@@ -99,3 +99,7 @@ demo: protos ## Seed demo users on a running mesh (make run) and print curl comm
 .PHONY: bench-ledger
 bench-ledger: protos infra ## The ledger benchmark: ours against a naive baseline (bench/results/ledger.json).
 	$(PY) -m bench.ledger
+
+.PHONY: bench-history
+bench-history: protos infra ## First-page latency of a wallet with 100,000 transactions (bench/results/history.json).
+	$(PY) -m bench.history

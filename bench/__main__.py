@@ -1,16 +1,21 @@
 """python -m bench: runs every benchmark that has landed.
 
-Today that is the ledger's (``bench.ledger``). The budget, fraud, gateway and
-history benchmarks arrive with their issues and are added here.
+Today: the ledger's (``bench.ledger``) and the wallet history's
+(``bench.history``). The budget, fraud and gateway benchmarks arrive with
+their issues and are added here.
 """
 
 from __future__ import annotations
 
-from bench import ledger
+import sys
+
+from bench import history, ledger
 
 
 def main() -> None:
-    ledger.main()
+    for benchmark in (ledger, history):
+        sys.argv = [sys.argv[0]]  # each with its defaults
+        benchmark.main()
 
 
 if __name__ == "__main__":
