@@ -235,3 +235,46 @@ async def test_an_internal_service_credits_and_debits_a_wallet_once_per_key(
     assert as_user.status_code == 403
     balance = (await http.get(f"/api/v1/wallets/{alice.user_id}", headers=mesh.admin())).json()
     assert balance["balance"] == "15.00"
+
+
+async def test_two_concurrent_transfers_that_together_exceed_the_balance_one_succeeds(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    import asyncio
+
+    alice = await create_person(wallet_stub, http, mesh, "10.00")
+    bob = await create_person(wallet_stub, http, mesh, "0")
+    carol = await create_person(wallet_stub, http, mesh, "0")
+
+    answers = await asyncio.gather(
+        send(http, mesh, alice, bob.email, "7.00", "race-1"),
+        send(http, mesh, alice, carol.email, "7.00", "race-2"),
+    )
+
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200, 422]
+    refused = next(a for a in answers if a.status_code == 422)
+    assert refused.json()["error"]["reason"] == "INSUFFICIENT_FUNDS"
+    wallet = (await http.get(f"/api/v1/wallets/{alice.user_id}", headers=mesh.admin())).json()
+    assert wallet["balance"] == "3.00"
+
+
+async def test_refused_transfers_say_why_and_move_nothing(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    alice = await create_person(wallet_stub, http, mesh, "10.00")
+
+    to_self = await send(http, mesh, alice, alice.email, "1.00", "self")
+    unknown = await send(http, mesh, alice, "nobody@example.com", "1.00", "unknown")
+    too_precise = await send(http, mesh, alice, "someone", "1.001", "precise")
+    negative = await send(http, mesh, alice, "someone", "-1.00", "negative")
+
+    assert (to_self.status_code, to_self.json()["error"]["reason"]) == (400, "SELF_TRANSFER")
+    assert (unknown.status_code, unknown.json()["error"]["reason"]) == (404, "RECIPIENT_NOT_FOUND")
+    assert (too_precise.status_code, too_precise.json()["error"]["reason"]) == (
+        400,
+        "AMOUNT_PRECISION",
+    )
+    assert negative.status_code == 400
+    wallet = (await http.get(f"/api/v1/wallets/{alice.user_id}", headers=mesh.admin())).json()
+    assert wallet["balance"] == "10.00"
