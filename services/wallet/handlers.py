@@ -228,6 +228,21 @@ async def create_wallet(
                 + ledger_pb2.TransferResult.Code.Name(result.code),
                 reason="LEDGER_REFUSED",
             )
+        async with pool.acquire() as conn:
+            await history.record(
+                conn,
+                history.Movement(
+                    wallet_id=wallet_id,
+                    ledger_transfer_id=initial_funding_transfer_id(wallet_id),
+                    type="ADJUSTMENT",
+                    amount=initial_balance,
+                    currency=currency,
+                    status="COMPLETED",
+                    counterparty="Company funding",
+                    description="Initial balance",
+                    balance_after=initial_balance,
+                ),
+            )
     log.info("wallet_created", wallet_id=str(wallet_id), currency=currency)
     return await get_wallet(pool, peers, wallet_id=str(wallet_id))
 
