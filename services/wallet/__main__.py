@@ -11,7 +11,7 @@ from services.common.db import create_pool, pool_check
 from services.common.infra import redis_client
 from services.common.runner import run_service
 from services.common.server import GrpcService, configured_service
-from services.wallet import handlers
+from services.wallet import fx, handlers, merchants
 from services.wallet.api import SERVICE_NAME, WalletApi
 from services.wallet.balance_cache import BalanceCache
 from services.wallet.config import WalletSettings
@@ -34,11 +34,16 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
         BalanceCache(redis, settings.redis_prefix),
     )
     try:
-        # Contract methods not implemented yet answer UNIMPLEMENTED.
-        api = WalletApi(pool, peers, settings)  # type: ignore[abstract]
+        api = WalletApi(pool, peers, settings)
 
         async def reconcile() -> None:
             await handlers.reconcile_forever(pool, peers)
+
+        async def reconcile_merchant_payments() -> None:
+            await merchants.reconcile_forever(pool, peers)
+
+        async def reconcile_exchanges() -> None:
+            await fx.reconcile_forever(pool, peers)
 
         yield configured_service(
             settings,
@@ -50,7 +55,7 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.wallet_metrics_port,
-            background=[reconcile],
+            background=[reconcile, reconcile_merchant_payments, reconcile_exchanges],
         )
     finally:
         await peers.close()

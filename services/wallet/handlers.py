@@ -499,7 +499,7 @@ class _Payment:
         async with self.pool.acquire() as conn:
             await store.set_payment_reservation(conn, self.pid, reservation.reservation_id)
 
-        recipient_account = await _ensure_wallet_account(
+        recipient_account = await ensure_wallet_account(
             self.pool, self.peers, self.recipient_wallet, self.currency
         )
         result = await self.peers.create_transfer(
@@ -715,7 +715,7 @@ async def reconcile_forever(pool: asyncpg.Pool, peers: Peers, every_seconds: flo
         await asyncio.sleep(every_seconds)
 
 
-async def _ensure_wallet_account(
+async def ensure_wallet_account(
     pool: asyncpg.Pool, peers: Peers, wallet: asyncpg.Record, currency: str
 ) -> uuid.UUID:
     """The wallet's ledger account in ``currency``, opened on first use."""
@@ -937,7 +937,7 @@ async def post_adjustment(
         ensure_can_receive(status)
     else:
         ensure_can_send(status)
-    wallet_account = await _ensure_wallet_account(pool, peers, wallet, currency)
+    wallet_account = await ensure_wallet_account(pool, peers, wallet, currency)
     outside = adjustment_account_id(currency)
     await peers.create_accounts(
         [ledger_pb2.Account(id=str(outside), currency=currency, type=ledger_pb2.ACCOUNT_TYPE_EXTERNAL,

@@ -206,11 +206,13 @@ async def fetch_payment(conn: DbConn, payment_id: uuid.UUID) -> asyncpg.Record |
 
 
 async def stale_payments(conn: DbConn, older_than_seconds: float, limit: int) -> list[uuid.UUID]:
-    """PROCESSING payments no attempt has touched for a while."""
+    """P2P payments still PROCESSING that no attempt has touched for a while
+    (merchant payments and exchanges have reconcilers of their own)."""
     rows = await conn.fetch(
         """
         SELECT payment_id FROM payments
-         WHERE status = 'PROCESSING' AND updated_at < now() - make_interval(secs => $1)
+         WHERE kind = 'P2P' AND status = 'PROCESSING'
+           AND updated_at < now() - make_interval(secs => $1)
            AND (lease_until IS NULL OR lease_until < now())
          ORDER BY updated_at LIMIT $2
         """,

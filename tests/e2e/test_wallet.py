@@ -19,7 +19,7 @@ async def send(http: httpx.AsyncClient, mesh: Mesh, sender: Person, to: str, amo
 
 
 async def history(
-    http: httpx.AsyncClient, mesh: Mesh, person: Person, **params: object
+    http: httpx.AsyncClient, mesh: Mesh, person: Person, **params: str | int
 ) -> httpx.Response:
     return await http.get(
         f"/api/v1/wallet/{person.user_id}/transactions",
