@@ -11,7 +11,7 @@ from services.common.db import create_pool, pool_check
 from services.common.infra import redis_client
 from services.common.runner import run_service
 from services.common.server import GrpcService, configured_service
-from services.wallet import fx, handlers, merchants
+from services.wallet import banking, fx, handlers, merchants
 from services.wallet.api import SERVICE_NAME, WalletApi
 from services.wallet.balance_cache import BalanceCache
 from services.wallet.config import WalletSettings
@@ -45,6 +45,9 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
         async def reconcile_exchanges() -> None:
             await fx.reconcile_forever(pool, peers)
 
+        async def relay_bank_requests() -> None:
+            await banking.bank_request_relay(pool, settings, peers)
+
         yield configured_service(
             settings,
             name="wallet",
@@ -55,7 +58,12 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.wallet_metrics_port,
-            background=[reconcile, reconcile_merchant_payments, reconcile_exchanges],
+            background=[
+                reconcile,
+                reconcile_merchant_payments,
+                reconcile_exchanges,
+                relay_bank_requests,
+            ],
         )
     finally:
         await peers.close()

@@ -41,7 +41,7 @@ from services.common.money import (
     require_positive,
     validate_currency,
 )
-from services.wallet import history, store
+from services.wallet import handlers, history, store
 from services.wallet.domain import (
     NAMESPACE,
     WalletStatus,
@@ -543,6 +543,7 @@ async def complete_exchange(
         stored = await _fetch_exchange(conn, exchange_id)
     assert stored is not None
     log.info("fx_executed", exchange_id=str(exchange_id), quote_id=str(quote["quote_id"]))
+    await handlers.repay_debts_after_incoming(pool, peers, wallet["wallet_id"], to_currency)
     # A concurrent completion (the reconciler) may have answered first: its
     # balances are the answer.
     return ExchangeOutcome(exchange_id, "COMPLETED", list(stored["balances"] or balances))

@@ -627,7 +627,21 @@ async def complete_p2p(
                 },
             )
             await store.complete_payment(conn, pid, sender_balance.available)
+    await repay_debts_after_incoming(pool, peers, recipient_wallet["wallet_id"], currency)
     return int(sender_balance.available)
+
+
+async def repay_debts_after_incoming(
+    pool: asyncpg.Pool, peers: Peers, wallet_id: uuid.UUID, currency: str
+) -> None:
+    """Money arrived: a wallet that owes (a returned deposit it had spent)
+    repays first. Best effort here: the banking relay's sweep retries."""
+    from services.wallet import banking  # banking builds on this module
+
+    try:
+        await banking.repay_debts(pool, peers, wallet_id, currency)
+    except (MonetaError, OSError, asyncpg.PostgresError) as exc:
+        log.warning("debt_repayment_deferred", wallet_id=str(wallet_id), error=str(exc))
 
 
 async def commit_spend(
@@ -979,4 +993,6 @@ async def post_adjustment(
             "SELECT * FROM transactions WHERE txn_id = $1", history.txn_id(transfer_id, wid)
         )
     assert row is not None
+    if cmd.credit:
+        await repay_debts_after_incoming(pool, peers, wid, currency)
     return row

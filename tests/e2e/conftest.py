@@ -25,6 +25,7 @@ from tests.processes import die_with_parent
 
 GRPC_SERVICES = ("ledger", "wallet", "budget", "fraud")
 JWT_SECRET = "e2e-test-secret-0123456789abcdef0123456789"
+BANK_WEBHOOK_SECRET = "e2e-bank-webhook-secret"
 STARTUP_SECONDS = 90.0
 
 
@@ -88,6 +89,10 @@ def mesh(test_run: TestRun, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "MONETA_SHUTDOWN_GRACE_SECONDS": "2",
         # Payments of 10,000 or more go to review; their holds live 4 s here.
         "MONETA_FRAUD_REVIEW_AMOUNT": "10000",
+        # Nothing listens there: the tests play the bank partner themselves,
+        # and a `make run` simulator on the default port is left alone.
+        "MONETA_BANK_PARTNER_URL": f"http://127.0.0.1:{free_port()}",
+        "MONETA_BANK_WEBHOOK_SECRET": BANK_WEBHOOK_SECRET,
         "MONETA_REVIEW_HOLD_SECONDS": "4",
     }
     for name, port in ports.items():
