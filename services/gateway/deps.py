@@ -1,6 +1,7 @@
 """What every route of the gateway shares: upstream channels, calls as the
 caller, the caller from their token, error bodies, exact amounts."""
 
+import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
@@ -188,10 +189,23 @@ Caller = Annotated[Principal, Depends(get_principal)]
 Peers = Annotated[Upstreams, Depends(get_upstreams)]
 
 
+def same_id(a: str, b: str) -> bool:
+    """Whether two ids name the same thing: UUIDs compare in canonical form
+    (case, braces and hyphens aside), anything else as written."""
+    try:
+        return uuid.UUID(a) == uuid.UUID(b)
+    except ValueError:
+        return a == b
+
+
+def is_self(who: Principal, user_id: str) -> bool:
+    return same_id(who.user_id, user_id)
+
+
 async def authorize_user_access(ups: Upstreams, who: Principal, user_id: str, reason: str) -> None:
     """Self, admin, or a manager of the user's company; anyone else is told
     the thing does not exist, so that ids cannot be probed."""
-    if who.role == "admin" or (who.role in ("user", "manager") and who.user_id == user_id):
+    if who.role == "admin" or (who.role in ("user", "manager") and is_self(who, user_id)):
         return
     if who.role == "manager" and who.company_id:
         try:

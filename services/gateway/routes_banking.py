@@ -21,6 +21,7 @@ from services.gateway.deps import (
     Caller,
     Peers,
     call,
+    is_self,
     parse_amount,
     require_role,
 )
@@ -152,7 +153,7 @@ def _act_as_self(who: Principal, user_id: str) -> None:
     """Bank accounts and bank transfers are the owner's own business only;
     anyone else's are not found, so that ids cannot be probed."""
     require_role(who, "user", "manager", "admin")
-    if user_id != who.user_id:
+    if not is_self(who, user_id):
         raise NotFound("not found", reason="WALLET_NOT_FOUND")
 
 

@@ -18,6 +18,7 @@ from services.gateway.deps import (
     call,
     parse_amount,
     require_role,
+    same_id,
 )
 
 router = APIRouter()
@@ -123,7 +124,7 @@ class ExchangeAnswer(BaseModel):
 
 
 def _require_self(who_id: str, user_id: str) -> None:
-    if user_id != who_id:
+    if not same_id(user_id, who_id):
         # Someone else's wallet does not exist, as far as the caller knows.
         raise NotFound("not found", reason="WALLET_NOT_FOUND")
 

@@ -19,6 +19,7 @@ from services.gateway.deps import (
     Peers,
     authorize_user_access,
     call,
+    is_self,
     parse_amount,
     require_role,
 )
@@ -130,7 +131,7 @@ async def create_wallet(body: CreateWalletBody, who: Caller, ups: Peers) -> Wall
         if body.initial_balance is not None
         else 0
     )
-    if initial and who.role != "admin" and body.user_id == who.user_id:
+    if initial and who.role != "admin" and is_self(who, body.user_id):
         raise PermissionDenied(
             "a manager cannot fund their own wallet", reason="SELF_FUNDING_FORBIDDEN"
         )
@@ -165,7 +166,7 @@ async def create_transfer(
     """A P2P transfer from the caller's wallet to a user found by id, email,
     phone or username. Retrying with the same idempotency key returns the
     first result and moves nothing again."""
-    if body.sender_id != who.user_id:
+    if not is_self(who, body.sender_id):
         # Someone else's wallet does not exist, as far as the caller knows.
         raise NotFound("not found", reason="WALLET_NOT_FOUND")
     key = body.idempotency_key or idempotency_key
@@ -255,7 +256,7 @@ async def update_wallet_status(
     current = await call(
         who, ups.wallet.GetWallet, wallet_pb2.GetWalletRequest(wallet_id=wallet_id)
     )
-    if current.wallet.user_id == who.user_id and who.role != "admin":
+    if is_self(who, current.wallet.user_id) and who.role != "admin":
         raise PermissionDenied(
             "a manager cannot change their own wallet", reason="SELF_ACTION_FORBIDDEN"
         )

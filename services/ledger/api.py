@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from datetime import datetime
 from typing import cast
@@ -167,7 +168,9 @@ class LedgerApi(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> pb.CreateTransfersResponse:
         specs = [transfer_from_pb(t) for t in request.transfers]
         handlers.check_batch_size(len(specs))
-        outcomes = await self._engine.submit(specs)
+        remaining = context.time_remaining()
+        deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
+        outcomes = await self._engine.submit(specs, deadline)
         return pb.CreateTransfersResponse(results=[outcome_to_pb(o) for o in outcomes])
 
     async def GetBalances(

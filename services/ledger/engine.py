@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import asyncpg
 import structlog
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
-from services.common.errors import Unavailable
+from services.common.errors import DeadlineExceeded, Unavailable
 from services.ledger import handlers, store
 from services.ledger.domain import MAX_BATCH, TransferOutcome, TransferSpec
 
@@ -35,6 +35,10 @@ BATCH_SIZE = Histogram(
     "moneta_ledger_batch_transfers",
     "Transfers committed per database transaction.",
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 8000),
+)
+DROPPED = Counter(
+    "moneta_ledger_dropped_transfers_total",
+    "Transfers dropped unapplied because their caller's deadline passed while they queued.",
 )
 BATCH_SECONDS = Histogram(
     "moneta_ledger_batch_commit_seconds",
@@ -48,6 +52,8 @@ class _Queued:
     item: handlers.BatchItem
     size: int
     done: asyncio.Future[list[TransferOutcome]]
+    # Event-loop time after which the caller no longer waits.
+    deadline: float | None = None
 
 
 class TransferEngine:
@@ -57,11 +63,19 @@ class TransferEngine:
         self._queue: collections.deque[_Queued] = collections.deque()
         self._wake = asyncio.Event()
 
-    async def submit(self, specs: Sequence[TransferSpec]) -> list[TransferOutcome]:
-        """Applies one request's transfers; answers after their batch commits."""
+    async def submit(
+        self, specs: Sequence[TransferSpec], deadline: float | None = None
+    ) -> list[TransferOutcome]:
+        """Applies one request's transfers; answers after their batch commits.
+
+        A request still queued when its caller's ``deadline`` passes is
+        dropped, never applied: so a caller that timed out knows its
+        transfers either committed within about one batch of the deadline or
+        never will, and can settle its own books (the wallet's reconciler
+        relies on it)."""
         if not specs:
             return []
-        return await self._enqueue(list(specs), len(specs))
+        return await self._enqueue(list(specs), len(specs), deadline)
 
     async def expire(self, hold_ids: Sequence[uuid.UUID]) -> None:
         """Releases holds whose timeout has passed, in the same order as
@@ -69,19 +83,28 @@ class TransferEngine:
         if hold_ids:
             await self._enqueue(handlers.ExpireHolds(list(hold_ids)), len(hold_ids))
 
-    async def _enqueue(self, item: handlers.BatchItem, size: int) -> list[TransferOutcome]:
+    async def _enqueue(
+        self, item: handlers.BatchItem, size: int, deadline: float | None = None
+    ) -> list[TransferOutcome]:
         done: asyncio.Future[list[TransferOutcome]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(item, size, done))
+        self._queue.append(_Queued(item, size, done, deadline))
         self._wake.set()
         # A caller that gives up (deadline, cancellation) does not cancel the
         # batch: its transfers may still commit, and its retry sees EXISTS.
         return await asyncio.shield(done)
 
     def _take_batch(self) -> list[_Queued]:
-        batch = [self._queue.popleft()]
-        total = batch[0].size
-        while self._queue and total + self._queue[0].size <= self._max_batch:
+        """What the next transaction applies: the queue's head, and whatever
+        follows it that fits. Requests whose caller gave up are dropped."""
+        now = asyncio.get_running_loop().time()
+        batch: list[_Queued] = []
+        total = 0
+        while self._queue and (not batch or total + self._queue[0].size <= self._max_batch):
             queued = self._queue.popleft()
+            if queued.deadline is not None and queued.deadline <= now:
+                DROPPED.inc(queued.size)
+                _fail(queued, DeadlineExceeded("the request's deadline passed while it queued"))
+                continue
             batch.append(queued)
             total += queued.size
         return batch
@@ -95,7 +118,9 @@ class TransferEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._commit(self._take_batch())
+            batch = self._take_batch()
+            if batch:
+                await self._commit(batch)
 
     async def _commit(self, batch: list[_Queued]) -> None:
         loop = asyncio.get_running_loop()

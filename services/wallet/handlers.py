@@ -437,6 +437,10 @@ class _Payment:
         placed = await self.peers.lookup_transfer(self.pid) if resumed else None
         if placed is None:
             placed = await self._move_money()
+        return await self.settle(placed)
+
+    async def settle(self, placed: ledger_pb2.Transfer) -> TransferOutcome:
+        """Finishes the payment from its transfer as the ledger stored it."""
         if placed.type != ledger_pb2.TRANSFER_TYPE_PENDING:
             return await self._complete()
         # A review hold: the payer confirms with their PIN, or it expires.
@@ -526,6 +530,8 @@ class _Payment:
                 reason="INSUFFICIENT_FUNDS",
                 details={"currency": self.currency},
             )
+        if result.code == ledger_pb2.TransferResult.ACCOUNT_CLOSED:
+            raise FailedPrecondition("a wallet of this payment is closed", reason="WALLET_CLOSED")
         raise FailedPrecondition(
             "the ledger refused the transfer: " + ledger_pb2.TransferResult.Code.Name(result.code),
             reason="LEDGER_REFUSED",
@@ -586,6 +592,9 @@ async def complete_p2p(
     balance afterwards."""
     sender_account = wallet_account_id(sender_wallet["wallet_id"], currency)
     recipient_account = wallet_account_id(recipient_wallet["wallet_id"], currency)
+    # The money may have moved long after the write that invalidated these
+    # (a timed-out call the ledger applied late): read them fresh.
+    await peers.cache.invalidate([sender_account, recipient_account])
     balances = await peers.balances([sender_account, recipient_account])
     sender_balance = balances[str(sender_account)]
     recipient_balance = balances.get(str(recipient_account))
@@ -669,12 +678,39 @@ async def commit_spend(
         log.error("budget_commit_failed", transfer_id=str(pid), reason=exc.reason)
 
 
+async def _resumed_payment(
+    pool: asyncpg.Pool, peers: Peers, payment: asyncpg.Record
+) -> _Payment | None:
+    """The attempt object for a recorded payment, to finish it from what the
+    ledger says."""
+    async with pool.acquire() as conn:
+        sender = await store.fetch_wallet(conn, user_id=payment["sender_user_id"])
+        recipient = await store.fetch_wallet(conn, user_id=payment["recipient_user_id"])
+        if sender is None or recipient is None:
+            return None
+        sender_accounts = await store.wallet_accounts(conn, sender["wallet_id"])
+    cmd = TransferCommand(
+        sender_id=str(payment["sender_user_id"]),
+        recipient=("user_id", str(payment["recipient_user_id"])),
+        amount=payment["amount"],
+        currency=payment["currency"],
+        idempotency_key=payment["idempotency_key"],
+        note=payment["note"],
+    )
+    return _Payment(
+        pool, peers, payment["payment_id"], cmd, payment["currency"], sender, sender_accounts,
+        recipient, payment["reservation_id"],
+    )  # fmt: skip
+
+
 async def reconcile_stale_payments(
     pool: asyncpg.Pool, peers: Peers, older_than: float = 60.0
 ) -> int:
-    """Settles payments that no attempt finished (a crash, a client that gave
-    up): completes those whose money moved, fails the others and frees their
-    budget reservation."""
+    """Settles P2P payments that no attempt finished (a crash, a client that
+    gave up), from what the ledger says: posted money completes them, a hold
+    puts them in review (or expires them), and nothing at all fails them and
+    frees their budget. The ledger drops requests whose caller's deadline has
+    passed, so by now a payment it does not know will never arrive there."""
     async with pool.acquire() as conn:
         stale = await store.stale_payments(conn, older_than, limit=100)
     settled = 0
@@ -683,37 +719,35 @@ async def reconcile_stale_payments(
             if not await store.take_lease(conn, pid, LEASE_SECONDS):
                 continue
             payment = await store.fetch_payment(conn, pid)
-            assert payment is not None
-            wallet = await store.fetch_wallet(conn, user_id=payment["sender_user_id"])
-        reservation_id = str(payment["reservation_id"]) if payment["reservation_id"] else None
+        assert payment is not None
         try:
-            if await peers.lookup_transfer(pid) is not None and wallet is not None:
-                await commit_spend(
-                    peers, pid, reservation_id, wallet, payment["amount"], payment["currency"],
-                    "P2P",
-                )  # fmt: skip
-                async with pool.acquire() as conn:
-                    recipient_wallet = await store.fetch_wallet(
-                        conn, user_id=payment["recipient_user_id"]
-                    )
-                assert recipient_wallet is not None
-                await complete_p2p(
-                    pool, peers, pid, wallet, recipient_wallet, payment["amount"],
-                    payment["currency"], payment["note"],
-                )  # fmt: skip
-                log.warning("payment_reconciled", payment_id=str(pid), outcome="COMPLETED")
-            else:
-                if reservation_id is not None:
-                    await peers.release(reservation_id)
+            if payment["status"] != "PROCESSING":
+                continue  # it moved on while we listed it
+            attempt = await _resumed_payment(pool, peers, payment)
+            placed = await peers.lookup_transfer(pid)
+            if placed is None or attempt is None:
+                if payment["reservation_id"] is not None:
+                    await peers.release(str(payment["reservation_id"]))
                 async with pool.acquire() as conn:
                     await store.fail_payment(
-                        conn, pid, "PAYMENT_ABANDONED",
+                        conn,
+                        pid,
+                        "PAYMENT_ABANDONED",
                         "the payment did not complete; nothing moved",
-                    )  # fmt: skip
-                log.warning("payment_reconciled", payment_id=str(pid), outcome="FAILED")
+                    )
+                outcome = "FAILED"
+            else:
+                try:
+                    outcome = (await attempt.settle(placed)).status
+                except FailedPrecondition as refusal:
+                    async with pool.acquire() as conn:
+                        await store.fail_payment(conn, pid, refusal.reason, refusal.message)
+                    outcome = "FAILED"
+            log.warning("payment_reconciled", payment_id=str(pid), outcome=outcome)
             settled += 1
         except MonetaError as exc:
             log.warning("payment_reconcile_failed", payment_id=str(pid), reason=exc.reason)
+        finally:
             async with pool.acquire() as conn:
                 await store.release_lease(conn, pid)
     return settled
@@ -785,12 +819,17 @@ async def update_wallet_status(
     if current == WalletStatus.CLOSED:
         raise FailedPrecondition("a closed wallet stays closed", reason="WALLET_CLOSED")
     if wanted == WalletStatus.CLOSED:
-        balances = await peers.balances(list(accounts.values()))
-        if any(b.posted or b.debits_pending or b.credits_pending for b in balances.values()):
+        # Closing the ledger accounts is the check that cannot race: the
+        # ledger refuses a non-empty account, and once closed refuses any
+        # transfer into it, including one already on its way.
+        try:
+            for account in accounts.values():
+                await peers.close_account(account, f"wallet closed: {reason}")
+        except FailedPrecondition:
             raise FailedPrecondition(
                 "only a wallet with zero balances and no pending money can be closed",
                 reason="WALLET_NOT_EMPTY",
-            )
+            ) from None
     async with pool.acquire() as conn, conn.transaction():
         changed = await store.change_wallet_status(conn, wid, current, wanted, reason, actor)
     if not changed:
@@ -844,6 +883,9 @@ async def confirm_transfer(
         recipient_wallet = await store.fetch_wallet(conn, user_id=payment["recipient_user_id"])
     assert sender_wallet is not None and recipient_wallet is not None
     try:
+        # The wallets may have changed while the payment waited.
+        ensure_can_send(WalletStatus(sender_wallet["status"]))
+        ensure_can_receive(WalletStatus(recipient_wallet["status"]))
         result = await peers.create_transfer(
             ledger_pb2.Transfer(
                 id=str(review_post_id(pid)),
@@ -879,7 +921,10 @@ async def _settle_lapsed_review(pool: asyncpg.Pool, peers: Peers, payment: async
         await peers.release(str(payment["reservation_id"]))
     # The ledger released the hold by itself: the cached balance is stale.
     await peers.cache.invalidate(
-        [wallet_account_id(wallet_id_for(payment["sender_user_id"]), payment["currency"])]
+        [
+            wallet_account_id(wallet_id_for(payment[who]), payment["currency"])
+            for who in ("sender_user_id", "recipient_user_id")
+        ]
     )
     async with pool.acquire() as conn, conn.transaction():
         await history.set_status(conn, payment["payment_id"], "EXPIRED")
@@ -902,7 +947,12 @@ async def settle_lapsed_reviews(pool: asyncpg.Pool, peers: Peers) -> int:
         if payment is None or payment["status"] != "PENDING_REVIEW":
             continue
         if hold.status == ledger_pb2.TRANSFER_STATUS_PENDING_POSTED:
-            continue  # confirmed; its confirmation finishes the payment
+            # Confirmed, but the confirmation did not get to finish: finish it.
+            attempt = await _resumed_payment(pool, peers, payment)
+            if attempt is not None:
+                await attempt.settle(hold)
+                settled += 1
+            continue
         await _settle_lapsed_review(pool, peers, payment)
         settled += 1
     return settled

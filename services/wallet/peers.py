@@ -91,6 +91,14 @@ class Peers:
             await self.cache.invalidate(stored - touched)
         return list(response.results)
 
+    async def close_account(self, account_id: uuid.UUID, reason: str) -> None:
+        """Closes a ledger account: refused (FAILED_PRECONDITION) unless empty."""
+        await _call(
+            self.ledger.CloseAccount(
+                ledger_pb2.CloseAccountRequest(id=str(account_id), reason=reason)
+            )
+        )
+
     async def lookup_transfer(self, transfer_id: uuid.UUID) -> ledger_pb2.Transfer | None:
         """The ledger's transfer with this id, if it exists: whether money moved."""
         response: ledger_pb2.LookupTransfersResponse = await _call(

@@ -70,26 +70,47 @@ async def set_pin(pool: asyncpg.Pool, user_id: str, pin: str, current_pin: str) 
 
 
 async def verify_pin(pool: asyncpg.Pool, user_id: str, pin: str) -> None:
-    """Passes for the right PIN; counts a wrong one and locks after five."""
+    """Passes for the right PIN. Each try is counted before the (slow) hash
+    is checked, atomically, so concurrent tries cannot all slip in before the
+    lockout: at most five wrong PINs per fifteen minutes, however they come."""
     uid = parse_uuid(user_id, "user_id")
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            "SELECT pin_hash, failed_tries, locked_until FROM wallet_pins WHERE user_id = $1", uid
-        )
-    if row is None:
-        raise FailedPrecondition("no PIN is set", reason="PIN_NOT_SET")
     now = datetime.now(UTC)
-    if row["locked_until"] is not None and row["locked_until"] > now:
-        raise FailedPrecondition(
-            "too many wrong PINs; try again later",
-            reason="PIN_LOCKED",
-            details={"locked_until": row["locked_until"].isoformat()},
+    async with pool.acquire() as conn:
+        counted = await conn.fetchrow(
+            """
+            UPDATE wallet_pins SET failed_tries = failed_tries + 1, updated_at = now()
+             WHERE user_id = $1 AND (locked_until IS NULL OR locked_until <= $2)
+               AND failed_tries < $3
+            RETURNING pin_hash
+            """,
+            uid,
+            now,
+            MAX_TRIES,
         )
-    if await _matches(row["pin_hash"], pin):
-        if row["failed_tries"]:
-            await _reset(pool, uid)
+        if counted is None:
+            row = await conn.fetchrow(
+                "SELECT failed_tries, locked_until FROM wallet_pins WHERE user_id = $1", uid
+            )
+            if row is None:
+                raise FailedPrecondition("no PIN is set", reason="PIN_NOT_SET")
+            if row["locked_until"] is None or row["locked_until"] <= now:
+                # Five tries are in flight or spent: lock now.
+                await conn.execute(
+                    "UPDATE wallet_pins SET locked_until = $2, failed_tries = 0 WHERE user_id = $1",
+                    uid,
+                    now + LOCKOUT,
+                )
+            locked_until = await conn.fetchval(
+                "SELECT locked_until FROM wallet_pins WHERE user_id = $1", uid
+            )
+            raise FailedPrecondition(
+                "too many wrong PINs; try again later",
+                reason="PIN_LOCKED",
+                details={"locked_until": locked_until.isoformat()},
+            )
+    if await _matches(counted["pin_hash"], pin):
+        await _reset(pool, uid)
         return
-    await _count_failure(pool, uid, now)
     raise PermissionDenied("the PIN is wrong", reason="PIN_INCORRECT")
 
 
@@ -97,20 +118,4 @@ async def _reset(pool: asyncpg.Pool, uid: uuid.UUID) -> None:
     async with pool.acquire() as conn:
         await conn.execute(
             "UPDATE wallet_pins SET failed_tries = 0, locked_until = NULL WHERE user_id = $1", uid
-        )
-
-
-async def _count_failure(pool: asyncpg.Pool, uid: uuid.UUID, now: datetime) -> None:
-    async with pool.acquire() as conn:
-        await conn.execute(
-            """
-            UPDATE wallet_pins
-               SET failed_tries = CASE WHEN failed_tries + 1 >= $2 THEN 0 ELSE failed_tries + 1 END,
-                   locked_until = CASE WHEN failed_tries + 1 >= $2 THEN $3 ELSE locked_until END,
-                   updated_at = now()
-             WHERE user_id = $1
-            """,
-            uid,
-            MAX_TRIES,
-            now + LOCKOUT,
         )

@@ -117,3 +117,24 @@ async def _until_the_ledger_expires(mesh: Mesh, transfer_id: str, seconds: float
                 return
             await asyncio.sleep(0.2)
     raise AssertionError("the hold did not expire")
+
+
+async def test_a_wallet_frozen_while_its_payment_waits_cannot_confirm_it(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    alice = await create_person(wallet_stub, http, mesh, "15000.00")
+    bob = await create_person(wallet_stub, http, mesh, "0")
+    await set_pin(http, mesh, alice, "2468")
+    transfer_id = (await send_large(http, mesh, alice, bob, "review-4")).json()["transfer_id"]
+    wallet_id = (await wallet(http, mesh, alice))["wallet_id"]
+    frozen = await http.put(
+        f"/api/v1/wallets/{wallet_id}/status",
+        json={"status": "FROZEN", "reason": "investigation"},
+        headers=mesh.admin(),
+    )
+
+    refused = await confirm(http, mesh, alice, transfer_id, "2468")
+
+    assert frozen.status_code == 200
+    assert refused.status_code == 422 and refused.json()["error"]["reason"] == "WALLET_FROZEN"
+    assert (await wallet(http, mesh, bob))["balance"] == "0.00"

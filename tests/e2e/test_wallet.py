@@ -278,3 +278,55 @@ async def test_refused_transfers_say_why_and_move_nothing(
     assert negative.status_code == 400
     wallet = (await http.get(f"/api/v1/wallets/{alice.user_id}", headers=mesh.admin())).json()
     assert wallet["balance"] == "10.00"
+
+
+async def test_concurrent_wrong_pins_cannot_outrun_the_lockout(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    import asyncio
+
+    alice = await create_person(wallet_stub, http, mesh, "0")
+    auth = mesh.auth(alice.user_id)
+    await http.put("/api/v1/wallet/pin", json={"pin": "1234"}, headers=auth)
+
+    answers = await asyncio.gather(
+        *(
+            http.put(
+                "/api/v1/wallet/pin", json={"pin": "9999", "current_pin": f"{i:04d}"}, headers=auth
+            )  # fmt: skip
+            for i in range(2000, 2012)
+        )
+    )
+
+    reasons = [a.json()["error"]["reason"] for a in answers]
+    assert reasons.count("PIN_INCORRECT") <= 5
+    assert set(reasons) <= {"PIN_INCORRECT", "PIN_LOCKED"}
+    assert "PIN_LOCKED" in reasons
+
+
+async def test_a_manager_cannot_fund_their_own_wallet_by_spelling_their_id_differently(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    import uuid
+
+    from moneta.wallet.v1 import wallet_pb2
+
+    company = str(uuid.uuid4())
+    manager_id = str(uuid.uuid4())
+    await wallet_stub.CreateUser(
+        wallet_pb2.CreateUserRequest(
+            user=wallet_pb2.User(
+                user_id=manager_id, email=f"m{manager_id[:8]}@example.com", company_id=company,
+                role=wallet_pb2.ROLE_MANAGER, default_currency="USD",
+            )
+        )
+    )  # fmt: skip
+
+    response = await http.post(
+        "/api/v1/wallets",
+        json={"user_id": manager_id.upper(), "currency": "USD", "initial_balance": "5000.00"},
+        headers=mesh.auth(manager_id, "manager", company),
+    )
+
+    assert response.status_code == 403
+    assert response.json()["error"]["reason"] == "SELF_FUNDING_FORBIDDEN"
