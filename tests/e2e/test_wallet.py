@@ -293,7 +293,7 @@ async def test_concurrent_wrong_pins_cannot_outrun_the_lockout(
         *(
             http.put(
                 "/api/v1/wallet/pin", json={"pin": "9999", "current_pin": f"{i:04d}"}, headers=auth
-            )  # fmt: skip
+            )
             for i in range(2000, 2012)
         )
     )
