@@ -996,6 +996,19 @@ async def post_adjustment(
         wallet = await store.fetch_wallet(conn, wallet_id=wid)
     if wallet is None:
         raise NotFound("no such wallet", reason="WALLET_NOT_FOUND")
+    transfer_id = uuid.uuid5(NAMESPACE, f"adjustment:{wid}:{key}")
+    async with pool.acquire() as conn:
+        done = await conn.fetchrow(
+            "SELECT * FROM transactions WHERE txn_id = $1", history.txn_id(transfer_id, wid)
+        )
+    if done is not None:
+        # A retry of a finished adjustment answers it, whatever changed since.
+        if (abs(done["amount"]), done["currency"], done["amount"] > 0) != (
+            cmd.amount, currency, cmd.credit,
+        ):  # fmt: skip
+            raise AlreadyExists("this idempotency key was used for a different request",
+                                reason="IDEMPOTENCY_KEY_REUSED")  # fmt: skip
+        return done
     status = WalletStatus(wallet["status"])
     if cmd.credit:
         ensure_can_receive(status)
@@ -1008,7 +1021,6 @@ async def post_adjustment(
                             metadata={"purpose": "adjustments"})],
         keep_existing=True,
     )  # fmt: skip
-    transfer_id = uuid.uuid5(NAMESPACE, f"adjustment:{wid}:{key}")
     debit, credit = (outside, wallet_account) if cmd.credit else (wallet_account, outside)
     result = await peers.create_transfer(
         ledger_pb2.Transfer(
