@@ -367,6 +367,21 @@ def _filters(
     return "".join(f" AND {c}" for c in conditions), params
 
 
+def _equal_or_within(
+    *, min_amount: int | None, max_amount: int | None, **equal: object
+) -> list[tuple[str, object]]:
+    """Conditions for the filters given: each named column equal to its
+    value (empty ones ignored), and the amount within the range."""
+    conditions: list[tuple[str, object]] = [
+        (f"{column} = ?", value) for column, value in equal.items() if value not in (None, "")
+    ]
+    if min_amount is not None:
+        conditions.append(("amount >= ?", min_amount))
+    if max_amount is not None:
+        conditions.append(("amount <= ?", max_amount))
+    return conditions
+
+
 async def list_transfers(
     conn: DbConn,
     account_id: uuid.UUID,
@@ -383,15 +398,7 @@ async def list_transfers(
     """An account's transfers (either side), newest first. Each side is read
     from its own index and the two are merged, so the newest page of a
     busy account costs two short index scans."""
-    extra: list[tuple[str, object]] = []
-    if code:
-        extra.append(("code = ?", code))
-    if min_amount is not None:
-        extra.append(("amount >= ?", min_amount))
-    if max_amount is not None:
-        extra.append(("amount <= ?", max_amount))
-    if status is not None:
-        extra.append(("status = ?", status))
+    extra = _equal_or_within(code=code, status=status, min_amount=min_amount, max_amount=max_amount)
     where, params = _filters(start, end, extra, cursor, first_param=3)
     rows = await conn.fetch(
         f"""
@@ -424,15 +431,7 @@ async def list_entries(
     cursor: tuple[datetime, int] | None,
     limit: int,
 ) -> list[asyncpg.Record]:
-    extra: list[tuple[str, object]] = []
-    if code:
-        extra.append(("code = ?", code))
-    if min_amount is not None:
-        extra.append(("amount >= ?", min_amount))
-    if max_amount is not None:
-        extra.append(("amount <= ?", max_amount))
-    if side is not None:
-        extra.append(("side = ?", side))
+    extra = _equal_or_within(code=code, side=side, min_amount=min_amount, max_amount=max_amount)
     where, params = _filters(start, end, extra, cursor, first_param=3)
     return list(
         await conn.fetch(
