@@ -67,6 +67,25 @@ def test_run() -> Iterator[TestRun]:
     )
     yield run
     _drop_databases(base.postgres_url, db_prefix)
+    _delete_exchange(base.amqp_url, run.amqp_exchange)
+
+
+def _delete_exchange(amqp_url: str, name: str) -> None:
+    """The run's durable exchange outlives its publishers: remove it."""
+    import asyncio
+
+    import aio_pika
+
+    async def delete() -> None:
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel()
+            await channel.exchange_delete(name)
+        finally:
+            await connection.close()
+
+    with contextlib.suppress(OSError, aio_pika.exceptions.AMQPError):
+        asyncio.run(delete())
 
 
 def _drop_databases(postgres_url: str, prefix: str) -> None:

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from moneta.wallet.v1 import wallet_pb2_grpc
+from services.common import outbox
 from services.common.db import create_pool, pool_check
 from services.common.infra import redis_client
 from services.common.runner import run_service
@@ -48,6 +49,9 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
         async def relay_bank_requests() -> None:
             await banking.bank_request_relay(pool, settings, peers)
 
+        async def relay_events() -> None:
+            await outbox.relay_outbox(pool, settings.amqp_url, settings.amqp_exchange)
+
         yield configured_service(
             settings,
             name="wallet",
@@ -63,6 +67,7 @@ async def start(settings: WalletSettings) -> AsyncIterator[GrpcService]:
                 reconcile_merchant_payments,
                 reconcile_exchanges,
                 relay_bank_requests,
+                relay_events,
             ],
         )
     finally:

@@ -22,6 +22,7 @@ from moneta.budget.v1 import budget_pb2
 from moneta.common.v1.money_pb2 import Money
 from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2
+from services.common import outbox
 from services.common.db import DbConn
 from services.common.errors import (
     Aborted,
@@ -33,7 +34,13 @@ from services.common.errors import (
     NotFound,
 )
 from services.common.ids import parse_uuid
-from services.common.money import INT64_MAX, require_positive, to_minor_units, validate_currency
+from services.common.money import (
+    INT64_MAX,
+    require_positive,
+    to_major_units,
+    to_minor_units,
+    validate_currency,
+)
 from services.wallet import history, pins, store
 from services.wallet.domain import (
     NAMESPACE,
@@ -174,6 +181,9 @@ async def create_wallet(
             initial_balance=initial_balance,
             ledger_account_id=account_id,
         )
+        if initial_balance == 0:
+            # Nothing to fund: the wallet is complete as recorded.
+            await _announce_wallet(conn, wallet_id, user["user_id"], 0, currency)
         existing = await store.fetch_wallet(conn, wallet_id=wallet_id)
     assert existing is not None
     if (existing["default_currency"], existing["initial_balance"]) != (currency, initial_balance):
@@ -228,7 +238,8 @@ async def create_wallet(
                 + ledger_pb2.TransferResult.Code.Name(result.code),
                 reason="LEDGER_REFUSED",
             )
-        async with pool.acquire() as conn:
+        async with pool.acquire() as conn, conn.transaction():
+            await _announce_wallet(conn, wallet_id, user["user_id"], initial_balance, currency)
             await history.record(
                 conn,
                 history.Movement(
@@ -245,6 +256,25 @@ async def create_wallet(
             )
     log.info("wallet_created", wallet_id=str(wallet_id), currency=currency)
     return await get_wallet(pool, peers, wallet_id=str(wallet_id))
+
+
+async def _announce_wallet(
+    conn: DbConn, wallet_id: uuid.UUID, user_id: uuid.UUID, initial_balance: int, currency: str
+) -> None:
+    """WalletCreated, once the wallet is complete (funded, if it asked to be)."""
+    await outbox.add_event(
+        conn,
+        event_id=uuid.uuid5(NAMESPACE, f"wallet-created:{wallet_id}"),
+        event_type="WalletCreated",
+        routing_key="wallet.created",
+        aggregate_id=str(wallet_id),
+        data={
+            "wallet_id": str(wallet_id),
+            "user_id": str(user_id),
+            "initial_balance": to_major_units(initial_balance, currency),
+            "currency": currency,
+        },
+    )
 
 
 async def get_wallet(

@@ -13,8 +13,10 @@ from datetime import datetime
 
 import asyncpg
 
+from services.common import outbox
 from services.common.db import DbConn
 from services.common.errors import InvalidArgument
+from services.common.money import to_major_units
 from services.common.paging import decode_cursor, encode_cursor, page_size
 from services.wallet.domain import NAMESPACE
 
@@ -54,28 +56,60 @@ class Movement:
     balance_after: int | None = None
 
 
+async def _completed(conn: DbConn, row: asyncpg.Record) -> None:
+    """TransactionCompleted for a completed history row, in the row's
+    transaction, once per row."""
+    await outbox.add_event(
+        conn,
+        event_id=uuid.uuid5(NAMESPACE, f"transaction-completed:{row['txn_id']}"),
+        event_type="TransactionCompleted",
+        routing_key="transaction.completed",
+        aggregate_id=str(row["wallet_id"]),
+        data={
+            "txn_id": str(row["txn_id"]),
+            "wallet_id": str(row["wallet_id"]),
+            "amount": to_major_units(row["amount"], row["currency"]),
+            "currency": row["currency"],
+            "type": row["type"],
+            "reference_id": row["reference_id"] or str(row["ledger_transfer_id"] or ""),
+            "new_balance": to_major_units(row["balance_after"], row["currency"])
+            if row["balance_after"] is not None
+            else None,
+        },
+    )
+
+
 async def record(conn: DbConn, *movements: Movement) -> None:
-    """Records movements once each (a retry records nothing new)."""
-    for m in movements:
-        assert m.type in TYPES and m.status in STATUSES and m.amount != 0
-        await conn.execute(
-            f"""
+    """Records movements once each (a retry records nothing new). A movement
+    recorded as COMPLETED announces itself through the outbox."""
+    async with conn.transaction():
+        for m in movements:
+            await _record_one(conn, m)
+
+
+async def _record_one(conn: DbConn, m: Movement) -> None:
+    assert m.type in TYPES and m.status in STATUSES and m.amount != 0
+    row = await conn.fetchrow(
+        f"""
             INSERT INTO transactions ({_COLUMNS})
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now(), now())
             ON CONFLICT DO NOTHING
+            RETURNING {_COLUMNS}
             """,
-            txn_id(m.ledger_transfer_id, m.wallet_id),
-            m.wallet_id,
-            m.type,
-            m.amount,
-            m.currency,
-            m.status,
-            m.counterparty[:200],
-            m.description[:500],
-            m.reference_id[:200],
-            m.ledger_transfer_id,
-            m.balance_after,
-        )
+        txn_id(m.ledger_transfer_id, m.wallet_id),
+        m.wallet_id,
+        m.type,
+        m.amount,
+        m.currency,
+        m.status,
+        m.counterparty[:200],
+        m.description[:500],
+        m.reference_id[:200],
+        m.ledger_transfer_id,
+        m.balance_after,
+    )
+    if row is not None and row["status"] == "COMPLETED":
+        await _completed(conn, row)
 
 
 async def set_status(
@@ -87,23 +121,28 @@ async def set_status(
     """Moves every wallet's row of a transfer to ``status`` (a hold posted,
     voided, reversed ...), with each wallet's balance after when known."""
     assert status in STATUSES
-    await conn.execute(
-        """
-        UPDATE transactions AS t
-           SET status = $2, updated_at = now(),
-               balance_after = coalesce(b.balance, t.balance_after)
-          FROM (SELECT t2.txn_id, u.balance
-                  FROM transactions t2
-                  LEFT JOIN unnest($3::uuid[], $4::bigint[]) AS u(wallet_id, balance)
-                         ON u.wallet_id = t2.wallet_id
-                 WHERE t2.ledger_transfer_id = $1) AS b
-         WHERE t.txn_id = b.txn_id
-        """,
-        ledger_transfer_id,
-        status,
-        list((balance_after or {}).keys()),
-        list((balance_after or {}).values()),
-    )
+    async with conn.transaction():
+        changed = await conn.fetch(
+            f"""
+            UPDATE transactions AS t
+               SET status = $2, updated_at = now(),
+                   balance_after = coalesce(b.balance, t.balance_after)
+              FROM (SELECT t2.txn_id, u.balance
+                      FROM transactions t2
+                      LEFT JOIN unnest($3::uuid[], $4::bigint[]) AS u(wallet_id, balance)
+                             ON u.wallet_id = t2.wallet_id
+                     WHERE t2.ledger_transfer_id = $1 AND t2.status <> $2) AS b
+             WHERE t.txn_id = b.txn_id
+            RETURNING {", ".join("t." + c.strip() for c in _COLUMNS.split(","))}
+            """,
+            ledger_transfer_id,
+            status,
+            list((balance_after or {}).keys()),
+            list((balance_after or {}).values()),
+        )
+        if status == "COMPLETED":
+            for row in changed:
+                await _completed(conn, row)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ async def test_robust_amqp_connection_publishes_with_confirms_and_delivers(
     try:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(
-            test_run.amqp_exchange, aio_pika.ExchangeType.TOPIC, auto_delete=True
+            f"{test_run.amqp_exchange}.probe", aio_pika.ExchangeType.TOPIC, auto_delete=True
         )
         queue = await channel.declare_queue(exclusive=True)
         await queue.bind(exchange, routing_key="probe.#")

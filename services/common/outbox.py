@@ -1,0 +1,140 @@
+"""The transactional outbox: events written in the same database
+transaction as the change that causes them, published afterwards.
+
+A service adds an event with ``add_event`` inside its transaction. Its relay
+(``relay_outbox``) publishes unpublished events in order, as persistent
+messages with publisher confirms, and marks each published once the broker
+has confirmed it. Delivery is at least once: a relay that dies between the
+confirm and the mark publishes that event again, with the same ``event_id``,
+so consumers de-duplicate by it. One relay at a time per database (an
+advisory lock), so events leave in the order they were written.
+
+Each service's migrations create the table:
+
+    CREATE TABLE outbox (
+        id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        event_id     uuid        NOT NULL UNIQUE,
+        event_type   text        NOT NULL,
+        routing_key  text        NOT NULL,
+        aggregate_id text        NOT NULL,
+        envelope     jsonb       NOT NULL,
+        created_at   timestamptz NOT NULL DEFAULT now(),
+        published_at timestamptz
+    );
+    CREATE INDEX outbox_unpublished_idx ON outbox (id) WHERE published_at IS NULL;
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import asyncpg
+import orjson
+import structlog
+from prometheus_client import Counter
+
+from services.common.db import DbConn
+
+log = structlog.get_logger("moneta.outbox")
+
+PUBLISHED = Counter("moneta_outbox_published_total", "Events published, by type.", ["event_type"])
+_RELAY_LOCK_KEY = 0x4F5554424F58  # "OUTBOX"
+
+
+def envelope(event_id: uuid.UUID, event_type: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The wire form every Moneta event shares."""
+    return {
+        "event_id": str(event_id),
+        "event_type": event_type,
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "data": dict(data),
+    }
+
+
+async def add_event(
+    conn: DbConn,
+    *,
+    event_id: uuid.UUID,
+    event_type: str,
+    routing_key: str,
+    aggregate_id: str,
+    data: Mapping[str, Any],
+) -> None:
+    """Adds an event to the outbox, in the caller's transaction. Adding the
+    same ``event_id`` again (a retried change) adds nothing."""
+    await conn.execute(
+        """
+        INSERT INTO outbox (event_id, event_type, routing_key, aggregate_id, envelope)
+        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING
+        """,
+        event_id,
+        event_type,
+        routing_key,
+        aggregate_id,
+        envelope(event_id, event_type, data),
+    )
+
+
+async def publish_pending(
+    pool: asyncpg.Pool, exchange: aio_pika.abc.AbstractExchange, limit: int = 200
+) -> int:
+    """Publishes the oldest unpublished events, in order, if this relay holds
+    the database's relay lock; returns how many it published."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RELAY_LOCK_KEY):
+            return 0
+        rows = await conn.fetch(
+            """
+            SELECT id, event_id, event_type, routing_key, envelope FROM outbox
+             WHERE published_at IS NULL ORDER BY id LIMIT $1
+            """,
+            limit,
+        )
+        for row in rows:
+            await exchange.publish(
+                aio_pika.Message(
+                    orjson.dumps(row["envelope"]),
+                    message_id=str(row["event_id"]),
+                    type=row["event_type"],
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=row["routing_key"],
+            )  # with publisher confirms, returns once the broker has the message
+            PUBLISHED.labels(row["event_type"]).inc()
+        if rows:
+            await conn.execute(
+                "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+                [row["id"] for row in rows],
+            )
+    return len(rows)
+
+
+async def relay_outbox(
+    pool: asyncpg.Pool, amqp_url: str, exchange_name: str, idle_seconds: float = 0.2
+) -> None:
+    """Publishes the outbox until cancelled, reconnecting to the broker as
+    needed."""
+    while True:
+        try:
+            connection = await aio_pika.connect_robust(
+                amqp_url, client_properties={"connection_name": "moneta-outbox"}
+            )
+            async with connection:
+                channel = await connection.channel(publisher_confirms=True)
+                exchange = await channel.declare_exchange(
+                    exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+                )
+                while True:
+                    if await publish_pending(pool, exchange) == 0:
+                        await asyncio.sleep(idle_seconds)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # broker or database away: wait and start again
+            log.warning("outbox_relay_interrupted", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(1.0)
