@@ -144,3 +144,15 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
     ) -> pb.ReleaseResponse:
         row = await handlers.release(self._pool, request.reservation_id)
         return pb.ReleaseResponse(reservation=reservation_to_pb(row))
+
+    async def Refund(
+        self, request: pb.RefundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RefundResponse:
+        row = await handlers.refund(
+            self._pool,
+            request.reservation_id,
+            request.amount.amount,
+            request.amount.currency,
+            request.reference,
+        )
+        return pb.RefundResponse(reservation=reservation_to_pb(row))

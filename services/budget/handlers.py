@@ -156,6 +156,53 @@ async def _settle(pool: asyncpg.Pool, raw_id: str, to: ReservationStatus) -> asy
     )
 
 
+async def refund(
+    pool: asyncpg.Pool, reservation_id: str, amount: int, currency: str, reference: str
+) -> asyncpg.Record:
+    """Gives back ``amount`` of a committed reservation's spend to the
+    budgets (and the periods) it was charged to. Once per reference; never
+    more than was committed, over all refunds."""
+    rid = parse_uuid(reservation_id, "reservation_id")
+    require_positive(amount)
+    if not reference or len(reference) > 200:
+        raise InvalidArgument("reference must be 1 to 200 characters", reason="INVALID_REFERENCE")
+    async with pool.acquire() as conn, conn.transaction():
+        row = await store.fetch_reservation(conn, reservation_id=rid, lock=True)
+        if row is None:
+            raise NotFound("no such reservation", reason="RESERVATION_NOT_FOUND")
+        prior = await conn.fetchrow(
+            "SELECT reservation_id, amount FROM reservation_refunds WHERE reference = $1",
+            reference,
+        )
+        if prior is not None:
+            if (prior["reservation_id"], prior["amount"]) != (rid, amount):
+                raise AlreadyExists(
+                    "this reference was refunded with other values", reason="REFERENCE_REUSED"
+                )
+            return row
+        if ReservationStatus(row["status"]) != ReservationStatus.COMMITTED:
+            raise FailedPrecondition(
+                "only committed spend can be given back", reason="RESERVATION_NOT_COMMITTED"
+            )
+        if currency != row["currency"]:
+            raise InvalidArgument(
+                "the refund's currency is not the spend's", reason="CURRENCY_MISMATCH"
+            )
+        refunded = await conn.fetchval(
+            "SELECT refunded FROM reservations WHERE reservation_id = $1", rid
+        )
+        if refunded + amount > row["amount"]:
+            raise FailedPrecondition(
+                "more than was spent cannot be given back",
+                reason="REFUND_EXCEEDS_SPEND",
+                details={"refundable": row["amount"] - refunded},
+            )
+        await store.refund_reservation(conn, rid, amount, reference)
+        after = await store.fetch_reservation(conn, reservation_id=rid)
+    assert after is not None
+    return after
+
+
 async def expire_reservations(pool: asyncpg.Pool) -> int:
     """Releases reservations whose ttl has passed; returns how many."""
     async with pool.acquire() as conn, conn.transaction():

@@ -211,3 +211,39 @@ async def expired_reservation_ids(conn: DbConn, limit: int = 500) -> list[uuid.U
         limit,
     )
     return [r["reservation_id"] for r in rows]
+
+
+async def refund_reservation(
+    conn: DbConn, reservation_id: uuid.UUID, amount: int, reference: str
+) -> None:
+    """Takes ``amount`` off the used amount of every budget the reservation
+    charged (locked in id order), and records the refund."""
+    await conn.execute(
+        """
+        SELECT 1 FROM budgets WHERE budget_id IN
+               (SELECT budget_id FROM reservation_lines WHERE reservation_id = $1)
+         ORDER BY budget_id FOR UPDATE
+        """,
+        reservation_id,
+    )
+    await conn.execute(
+        """
+        UPDATE budgets b SET used_amount = greatest(b.used_amount - $2, 0), updated_at = now()
+          FROM reservation_lines l
+         WHERE l.reservation_id = $1 AND b.budget_id = l.budget_id
+        """,
+        reservation_id,
+        amount,
+    )
+    await conn.execute(
+        "UPDATE reservations SET refunded = refunded + $2, updated_at = now()"
+        " WHERE reservation_id = $1",
+        reservation_id,
+        amount,
+    )
+    await conn.execute(
+        "INSERT INTO reservation_refunds (reference, reservation_id, amount) VALUES ($1, $2, $3)",
+        reference,
+        reservation_id,
+        amount,
+    )

@@ -152,5 +152,19 @@ class Peers:
     async def commit(self, reservation_id: str) -> None:
         await _call(self.budget.Commit(budget_pb2.CommitRequest(reservation_id=reservation_id)))
 
+    async def refund_spend(
+        self, reservation_id: str, amount: int, currency: str, reference: str
+    ) -> None:
+        """Gives committed budget spend back (a cancelled booking)."""
+        await _call(
+            self.budget.Refund(
+                budget_pb2.RefundRequest(
+                    reservation_id=reservation_id,
+                    amount=Money(amount=amount, currency=currency),
+                    reference=reference,
+                )
+            )
+        )
+
     async def release(self, reservation_id: str) -> None:
         await _call(self.budget.Release(budget_pb2.ReleaseRequest(reservation_id=reservation_id)))
