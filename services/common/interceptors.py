@@ -4,13 +4,17 @@ server; request-id propagation and deadlines on the client."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 
@@ -155,29 +159,97 @@ def _observed_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMe
 
 # NUL and the other C0 controls (tab, newline and carriage return aside)
 # have no place in any field; PostgreSQL cannot even store NUL.
-_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r"}
+_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+@dataclass(frozen=True)
+class _StringPlan:
+    """Where a message type keeps text: its string fields (single and
+    repeated), its maps with string keys or values, and the message fields
+    that may hold more of it. Worked out once per type."""
+
+    strings: tuple[str, ...]
+    repeated_strings: tuple[str, ...]
+    maps: tuple[str, ...]
+    messages: tuple[str, ...]
+    repeated_messages: tuple[str, ...]
+
+
+@functools.cache
+def _plan(descriptor: Descriptor) -> _StringPlan | None:
+    strings: list[str] = []
+    repeated_strings: list[str] = []
+    maps: list[str] = []
+    messages: list[str] = []
+    repeated_messages: list[str] = []
+    for field in descriptor.fields:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            key, value = (
+                field.message_type.fields_by_name["key"],
+                field.message_type.fields_by_name["value"],
+            )
+            if FieldDescriptor.TYPE_STRING in (key.type, value.type):
+                maps.append(field.name)
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            (repeated_strings if field.is_repeated else strings).append(field.name)
+        elif field.message_type is not None and _holds_text(field.message_type, set()):
+            (repeated_messages if field.is_repeated else messages).append(field.name)
+    if not (strings or repeated_strings or maps or messages or repeated_messages):
+        return None
+    return _StringPlan(
+        tuple(strings), tuple(repeated_strings), tuple(maps), tuple(messages),
+        tuple(repeated_messages),
+    )  # fmt: skip
+
+
+def _holds_text(descriptor: Descriptor, seen: set[str]) -> bool:
+    if descriptor.full_name in seen:
+        return True  # recursive types: assume they may
+    seen.add(descriptor.full_name)
+    return any(
+        f.type == FieldDescriptor.TYPE_STRING
+        or (f.message_type is not None and _holds_text(f.message_type, seen))
+        for f in descriptor.fields
+    )
 
 
 def reject_control_characters(message: Message, path: str = "") -> None:
     """INVALID_ARGUMENT naming the first string field that holds a control
     character, anywhere in the message."""
+    plan = _plan(message.DESCRIPTOR)
+    if plan is None:
+        return
+    texts: list[str] = [getattr(message, name) for name in plan.strings]
+    for name in plan.repeated_strings:
+        texts.extend(getattr(message, name))
+    for name in plan.maps:
+        for key, value in getattr(message, name).items():
+            texts.extend(t for t in (key, value) if isinstance(t, str))
+    if _CONTROL_RE.search("".join(texts)):
+        _name_the_field(message, path)
+    for name in plan.messages:
+        if message.HasField(name):
+            reject_control_characters(getattr(message, name), f"{path}{name}.")
+    for name in plan.repeated_messages:
+        for item in getattr(message, name):
+            reject_control_characters(item, f"{path}{name}.")
+
+
+def _name_the_field(message: Message, path: str) -> None:
     for field, value in message.ListFields():
-        name = f"{path}{field.name}"
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             items: list[object] = [v for kv in value.items() for v in kv]
         elif field.is_repeated:
             items = list(value)
         else:
             items = [value]
-        for item in items:
-            if isinstance(item, str) and not _CONTROL.isdisjoint(item):
-                raise InvalidArgument(
-                    f"{name} holds a control character",
-                    reason="INVALID_CHARACTERS",
-                    details={"field": name},
-                )
-            if isinstance(item, Message):
-                reject_control_characters(item, f"{name}.")
+        if any(isinstance(i, str) and _CONTROL_RE.search(i) for i in items):
+            name = f"{path}{field.name}"
+            raise InvalidArgument(
+                f"{name} holds a control character",
+                reason="INVALID_CHARACTERS",
+                details={"field": name},
+            )
 
 
 def _is_abort(exc: Exception, context: grpc.aio.ServicerContext) -> bool:
