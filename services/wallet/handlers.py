@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from decimal import Decimal
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -387,24 +389,9 @@ async def transfer(
         )
         sender_accounts = await store.wallet_accounts(conn, sender_wallet["wallet_id"])
 
-    if payment["payment_id"] != pid or payment["request_hash"] != fingerprint:
-        raise AlreadyExists(
-            "this idempotency key was used for a different request",
-            reason="IDEMPOTENCY_KEY_REUSED",
-        )
-    replayed = _replay(payment)
+    replayed = await admit_attempt(pool, payment, pid, fingerprint, _replay)
     if replayed is not None:
         return replayed
-    async with pool.acquire() as conn:
-        if not await store.take_lease(conn, pid, LEASE_SECONDS):
-            # Maybe it finished a moment ago.
-            replayed = _replay(await store.fetch_payment(conn, pid))
-            if replayed is not None:
-                return replayed
-            raise Aborted(
-                "the same request is still in progress; retry shortly",
-                reason="REQUEST_IN_PROGRESS",
-            )
     step = _Payment(
         pool, peers, pid, cmd, currency, sender_wallet, sender_accounts, recipient_wallet,
         reservation_id=payment["reservation_id"], review_seconds=review_seconds,
@@ -422,6 +409,40 @@ async def transfer(
         async with pool.acquire() as conn:
             await store.release_lease(conn, pid)
         raise
+
+
+Outcome = TypeVar("Outcome")
+
+
+async def admit_attempt(
+    pool: asyncpg.Pool,
+    payment: asyncpg.Record,
+    pid: uuid.UUID,
+    fingerprint: str,
+    replay: Callable[[asyncpg.Record | None], Outcome | None],
+) -> Outcome | None:
+    """The gate every payment passes after recording itself: the same key
+    with another request is refused; a finished payment answers its first
+    outcome (``replay``); otherwise this attempt takes the payment's lease
+    (None), or is told another attempt is still at work."""
+    if payment["payment_id"] != pid or payment["request_hash"] != fingerprint:
+        raise AlreadyExists(
+            "this idempotency key was used for a different request",
+            reason="IDEMPOTENCY_KEY_REUSED",
+        )
+    replayed = replay(payment)
+    if replayed is not None:
+        return replayed
+    async with pool.acquire() as conn:
+        if await store.take_lease(conn, pid, LEASE_SECONDS):
+            return None
+        # Maybe it finished a moment ago.
+        replayed = replay(await store.fetch_payment(conn, pid))
+    if replayed is not None:
+        return replayed
+    raise Aborted(
+        "the same request is still in progress; retry shortly", reason="REQUEST_IN_PROGRESS"
+    )
 
 
 def _replay(payment: asyncpg.Record | None) -> TransferOutcome | None:

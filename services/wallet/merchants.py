@@ -49,7 +49,7 @@ from services.common.errors import (
 )
 from services.common.ids import parse_uuid
 from services.common.money import INT64_MAX, require_positive, validate_currency
-from services.wallet import history, store
+from services.wallet import handlers, history, store
 from services.wallet.domain import (
     NAMESPACE,
     WalletStatus,
@@ -534,23 +534,9 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                     await _claim_qr_reference(conn, merchant_id, reference, pid)
         payer_accounts = await store.wallet_accounts(conn, wallet["wallet_id"])
 
-    if payment["payment_id"] != pid or payment["request_hash"] != fingerprint:
-        raise AlreadyExists(
-            "this idempotency key was used for a different request",
-            reason="IDEMPOTENCY_KEY_REUSED",
-        )
-    replayed = _replay(payment)
+    replayed = await handlers.admit_attempt(pool, payment, pid, fingerprint, _replay)
     if replayed is not None:
         return replayed
-    async with pool.acquire() as conn:
-        if not await store.take_lease(conn, pid, LEASE_SECONDS):
-            replayed = _replay(await store.fetch_payment(conn, pid))
-            if replayed is not None:
-                return replayed
-            raise Aborted(
-                "the same request is still in progress; retry shortly",
-                reason="REQUEST_IN_PROGRESS",
-            )
     step = _MerchantPayment(
         pool, peers, pid, wallet, payer_accounts.get(what.currency), what, category,
         cmd.device_id, payment["reservation_id"],
