@@ -10,6 +10,7 @@ from moneta.budget.v1 import budget_pb2_grpc
 from services.budget import handlers
 from services.budget.api import SERVICE_NAME, BudgetApi
 from services.budget.config import BudgetSettings
+from services.common import outbox
 from services.common.db import create_pool, pool_check
 from services.common.runner import run_service
 from services.common.server import GrpcService, configured_service
@@ -23,11 +24,16 @@ async def start(settings: BudgetSettings) -> AsyncIterator[GrpcService]:
         settings.database_url("budget"), settings.db_pool_min, settings.db_pool_max
     )
     try:
-        # Contract methods not implemented yet answer UNIMPLEMENTED.
-        api = BudgetApi(pool, settings.reservation_ttl_seconds)  # type: ignore[abstract]
+        api = BudgetApi(pool, settings.reservation_ttl_seconds)
 
         async def sweep() -> None:
             await handlers.sweep_expired_reservations(pool, settings.reservation_sweep_seconds)
+
+        async def roll_over() -> None:
+            await handlers.sweep_ended_periods(pool, settings.period_sweep_seconds)
+
+        async def relay_events() -> None:
+            await outbox.relay_outbox(pool, settings.amqp_url, settings.amqp_exchange)
 
         yield configured_service(
             settings,
@@ -39,7 +45,7 @@ async def start(settings: BudgetSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.budget_metrics_port,
-            background=[sweep],
+            background=[sweep, roll_over, relay_events],
         )
     finally:
         await pool.close()

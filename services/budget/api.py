@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import json
+from datetime import datetime
 from typing import TypeVar
 
 import asyncpg
@@ -12,7 +14,7 @@ from moneta.budget.v1 import budget_pb2 as pb
 from moneta.budget.v1 import budget_pb2_grpc
 from moneta.common.v1.money_pb2 import Money
 from services.budget import handlers
-from services.budget.domain import Mode, PeriodType, Rollover
+from services.budget.domain import BudgetStatus, Mode, PeriodType, PolicyBudget, Rollover
 from services.common.errors import InvalidArgument
 from services.common.grpc_util import actor_id, from_timestamp, timestamp
 
@@ -54,6 +56,40 @@ def reservation_to_pb(row: asyncpg.Record) -> pb.Reservation:
         status=row["status"],
         budget_ids=[str(b) for b in row["budget_ids"]],
         expires_at=timestamp(row["expires_at"]),
+    )
+
+
+def history_to_pb(row: asyncpg.Record) -> pb.BudgetHistoryEntry:
+    return pb.BudgetHistoryEntry(
+        history_id=str(row["history_id"]),
+        budget_id=str(row["budget_id"]),
+        action=row["action"],
+        old_values=json.dumps(row["old_values"] or {}, sort_keys=True),
+        new_values=json.dumps(row["new_values"] or {}, sort_keys=True),
+        reason=row["reason"],
+        actor_id=row["actor_id"],
+        created_at=timestamp(row["created_at"]),
+    )
+
+
+def policy_to_pb(
+    company_id: str, entries: list[PolicyBudget], updated_at: datetime | None
+) -> pb.CompanyPolicy:
+    return pb.CompanyPolicy(
+        company_id=company_id,
+        budgets=[
+            pb.PolicyBudget(
+                category=e.category,
+                currency=e.currency,
+                total_amount=e.total_amount,
+                period_type=pb.PeriodType.ValueType(e.period_type),
+                mode=pb.BudgetMode.ValueType(e.mode),
+                rollover=pb.RolloverPolicy.ValueType(e.rollover),
+                thresholds=list(e.thresholds),
+            )
+            for e in entries
+        ],
+        updated_at=timestamp(updated_at),
     )
 
 
@@ -116,8 +152,70 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
     async def ListBudgets(
         self, request: pb.ListBudgetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListBudgetsResponse:
-        rows = await handlers.list_budgets(self._pool, request.user_id)
-        return pb.ListBudgetsResponse(budgets=[budget_to_pb(r) for r in rows])
+        status = _enum(BudgetStatus, request.status, "status") if request.status else None
+        rows, next_token = await handlers.list_budgets(
+            self._pool,
+            user_id=request.user_id,
+            company_id=request.company_id,
+            status=status,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListBudgetsResponse(
+            budgets=[budget_to_pb(r) for r in rows], next_page_token=next_token
+        )
+
+    async def UpdateBudget(
+        self, request: pb.UpdateBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateBudgetResponse:
+        row = await handlers.update_budget(
+            self._pool,
+            request.budget_id,
+            total_amount=request.total_amount or None,
+            status=_enum(BudgetStatus, request.status, "status") if request.status else None,
+            reason=request.reason,
+            actor=actor_id(context),
+        )
+        return pb.UpdateBudgetResponse(budget=budget_to_pb(row))
+
+    async def ListBudgetHistory(
+        self, request: pb.ListBudgetHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListBudgetHistoryResponse:
+        rows, next_token = await handlers.list_budget_history(
+            self._pool, request.budget_id, request.page_size, request.page_token
+        )
+        return pb.ListBudgetHistoryResponse(
+            history=[history_to_pb(r) for r in rows], next_page_token=next_token
+        )
+
+    async def GetCompanyPolicy(
+        self, request: pb.GetCompanyPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCompanyPolicyResponse:
+        entries, updated_at = await handlers.get_company_policy(self._pool, request.company_id)
+        return pb.GetCompanyPolicyResponse(
+            policy=policy_to_pb(request.company_id, entries, updated_at)
+        )
+
+    async def SetCompanyPolicy(
+        self, request: pb.SetCompanyPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetCompanyPolicyResponse:
+        entries = [
+            PolicyBudget(
+                category=e.category or "ALL",
+                currency=e.currency,
+                total_amount=e.total_amount,
+                period_type=_enum(PeriodType, e.period_type, "period_type"),
+                mode=_enum(Mode, e.mode, "mode", Mode.HARD),
+                rollover=_enum(Rollover, e.rollover, "rollover", Rollover.RESET),
+                thresholds=tuple(e.thresholds),
+            )
+            for e in request.policy.budgets
+        ]
+        company_id = request.policy.company_id
+        valid, updated_at = await handlers.set_company_policy(
+            self._pool, company_id, entries, actor_id(context)
+        )
+        return pb.SetCompanyPolicyResponse(policy=policy_to_pb(company_id, valid, updated_at))
 
     async def Reserve(
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext

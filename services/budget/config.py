@@ -10,3 +10,5 @@ class BudgetSettings(CommonSettings):
     reservation_ttl_seconds: int = 300
     # How often expired reservations are released.
     reservation_sweep_seconds: float = 5.0
+    # How often ended periods are closed and the next ones opened.
+    period_sweep_seconds: float = 30.0

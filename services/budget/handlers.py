@@ -12,10 +12,31 @@ import asyncpg
 import structlog
 
 from services.budget import store
-from services.budget.domain import Mode, ReservationStatus, charge, validate_category
+from services.budget.domain import (
+    Alert,
+    BudgetExceeded,
+    BudgetStatus,
+    Mode,
+    PeriodType,
+    PolicyBudget,
+    ReservationStatus,
+    Rollover,
+    alerts_due,
+    charge,
+    decide_update,
+    default_budgets,
+    next_period,
+    next_period_total,
+    percentage,
+    validate_category,
+    validate_policy,
+    validate_thresholds,
+)
+from services.common import outbox, paging
+from services.common.db import DbConn
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.ids import parse_uuid
-from services.common.money import require_positive, validate_currency
+from services.common.money import require_positive, to_major_units, validate_currency
 
 log = structlog.get_logger("moneta.budget")
 
@@ -41,10 +62,78 @@ async def create_budget(pool: asyncpg.Pool, values: dict[str, Any], actor: str) 
     validate_category(values["category"])
     validate_currency(values["currency"])
     require_positive(values["total_amount"], "total_amount")
+    if values["period_type"] not in PeriodType._value2member_map_:
+        raise InvalidArgument("unknown period type", reason="INVALID_PERIOD_TYPE")
+    values["thresholds"] = list(validate_thresholds(values.get("thresholds") or []))
     if values["end_date"] <= values["start_date"]:
         raise InvalidArgument("end_date must be after start_date", reason="INVALID_PERIOD")
     async with pool.acquire() as conn, conn.transaction():
         return await store.insert_budget(conn, values, actor)
+
+
+async def update_budget(
+    pool: asyncpg.Pool,
+    budget_id: str,
+    *,
+    total_amount: int | None,
+    status: BudgetStatus | None,
+    reason: str,
+    actor: str,
+) -> asyncpg.Record:
+    """Changes a budget's total and/or status, with a history row of the
+    old and new values. A lower total may cross thresholds: announced here,
+    in the same transaction."""
+    bid = parse_uuid(budget_id, "budget_id")
+    async with pool.acquire() as conn, conn.transaction():
+        row = await store.lock_budget(conn, bid)
+        if row is None:
+            raise NotFound("no such budget", reason="BUDGET_NOT_FOUND")
+        change = decide_update(
+            store.budget_state(row),
+            BudgetStatus(row["status"]),
+            new_total=total_amount,
+            new_status=status,
+            reason=reason,
+        )
+        if not change.new_values:
+            return row  # nothing differs: nothing to record
+        new_total = change.new_values.get("total_amount", row["total_amount"])
+        after = await store.update_budget(
+            conn,
+            bid,
+            total_amount=new_total,
+            status=change.new_values.get("status", row["status"]),
+            # An explicit total replaces the period's total, carry included.
+            carried_over=0 if "total_amount" in change.new_values else row["carried_over"],
+        )
+        await store.insert_history(
+            conn, bid, "UPDATED", change.old_values, change.new_values, reason, actor
+        )
+        held = row["used_amount"] + row["reserved_amount"]
+        await _announce(conn, after, (held, row["total_amount"]), (held, new_total), "update")
+    log.info("budget_updated", budget_id=str(bid), **change.new_values)
+    return after
+
+
+async def list_budget_history(
+    pool: asyncpg.Pool, budget_id: str, page_size: int, page_token: str
+) -> tuple[list[asyncpg.Record], str]:
+    """A budget's history, newest first, and the next page's token."""
+    bid = parse_uuid(budget_id, "budget_id")
+    limit = paging.page_size(page_size)
+    before = paging.decode_cursor(page_token, uuid.UUID)
+    async with pool.acquire() as conn:
+        if await store.fetch_budget(conn, bid) is None:
+            raise NotFound("no such budget", reason="BUDGET_NOT_FOUND")
+        rows = await store.list_history(conn, bid, before, limit + 1)
+    return _page(rows, limit, "history_id")
+
+
+def _page(rows: list[asyncpg.Record], limit: int, key: str) -> tuple[list[asyncpg.Record], str]:
+    if len(rows) <= limit:
+        return rows, ""
+    last = rows[limit - 1]
+    return rows[:limit], paging.encode_cursor(last["created_at"], last[key])
 
 
 async def get_budget(pool: asyncpg.Pool, budget_id: str) -> asyncpg.Record:
@@ -55,9 +144,31 @@ async def get_budget(pool: asyncpg.Pool, budget_id: str) -> asyncpg.Record:
     return row
 
 
-async def list_budgets(pool: asyncpg.Pool, user_id: str) -> list[asyncpg.Record]:
+async def list_budgets(
+    pool: asyncpg.Pool,
+    *,
+    user_id: str = "",
+    company_id: str = "",
+    status: BudgetStatus | None = None,
+    page_size: int = 0,
+    page_token: str = "",
+) -> tuple[list[asyncpg.Record], str]:
+    """Budgets (every period, oldest first) of a user and/or a company,
+    optionally of one status; at least a user or a company is required."""
+    if not user_id and not company_id:
+        raise InvalidArgument("user_id or company_id is required", reason="MISSING_FILTER")
+    limit = paging.page_size(page_size)
+    after = paging.decode_cursor(page_token, uuid.UUID)
     async with pool.acquire() as conn:
-        return await store.list_budgets(conn, parse_uuid(user_id, "user_id"))
+        rows = await store.list_budgets(
+            conn,
+            user_id=parse_uuid(user_id, "user_id") if user_id else None,
+            company_id=parse_uuid(company_id, "company_id") if company_id else None,
+            status=int(status) if status is not None else None,
+            after=after,
+            limit=limit + 1,
+        )
+    return _page(rows, limit, "budget_id")
 
 
 async def reserve(pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int) -> asyncpg.Record:
@@ -79,14 +190,24 @@ async def reserve(pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int) -> 
                 if prior is not None:
                     return _same_reservation(prior, user_id, cmd)
                 now = datetime.now(UTC)
-                budgets = await store.lock_applicable_budgets(conn, user_id, cmd.category, now)
+                rows = await store.lock_applicable_budget_rows(conn, user_id, cmd.category, now)
                 # A concurrent call with the same reference may have reserved
                 # while this one waited for the budget locks: answer with its
                 # reservation rather than charge the budget twice.
                 prior = await store.fetch_reservation(conn, reference=cmd.reference)
                 if prior is not None:
                     return _same_reservation(prior, user_id, cmd)
-                lines = charge(budgets, cmd.amount, cmd.currency)
+                try:
+                    lines = charge([store.budget_state(r) for r in rows], cmd.amount, cmd.currency)
+                except BudgetExceeded as refused:
+                    refused_row = next(
+                        r for r in rows if str(r["budget_id"]) == refused.details["budget_id"]
+                    )
+                    refusal: tuple[asyncpg.Record, BudgetExceeded] | None = (refused_row, refused)
+                else:
+                    refusal = None
+                if refusal is not None:
+                    break  # announced below, after this transaction rolled back
                 reservation_id = uuid.uuid4()
                 await store.insert_reservation(
                     conn,
@@ -99,6 +220,12 @@ async def reserve(pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int) -> 
                     expires_at=now + timedelta(seconds=ttl),
                     lines=lines,
                 )
+                for budget in rows:
+                    held = budget["used_amount"] + budget["reserved_amount"]
+                    total = budget["total_amount"]
+                    await _announce(
+                        conn, budget, (held, total), (held + cmd.amount, total), cmd.reference
+                    )
                 row = await store.fetch_reservation(conn, reservation_id=reservation_id)
                 assert row is not None
                 return row
@@ -106,7 +233,97 @@ async def reserve(pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int) -> 
             # A concurrent call with the same reference won; read its result.
             if attempt == 2:
                 raise
-    raise AssertionError("unreachable")
+    else:
+        raise AssertionError("unreachable")
+    await _announce_refusal(pool, refusal[0], cmd, refusal[1])
+    raise refusal[1]
+
+
+async def _announce_refusal(
+    pool: asyncpg.Pool, budget: asyncpg.Record, cmd: ReserveCommand, refused: BudgetExceeded
+) -> None:
+    """A hard budget refused a spend: BudgetExceeded, in its own transaction
+    (the refused one wrote nothing). Once per reference and budget: a
+    retried refusal is the same event."""
+    attempted = budget["used_amount"] + budget["reserved_amount"] + cmd.amount
+    event_id = uuid.uuid5(budget["budget_id"], f"exceeded:{cmd.reference}")
+    async with pool.acquire() as conn, conn.transaction():
+        await _add_exceeded_event(conn, budget, attempted, event_id)
+
+
+async def _add_exceeded_event(
+    conn: DbConn, budget: asyncpg.Record, held: int, event_id: uuid.UUID
+) -> None:
+    total = budget["total_amount"]
+    await outbox.add_event(
+        conn,
+        event_id=event_id,
+        event_type="BudgetExceeded",
+        routing_key="budget.exceeded",
+        aggregate_id=str(budget["budget_id"]),
+        data={
+            "budget_id": str(budget["budget_id"]),
+            "wallet_id": str(budget["wallet_id"] or ""),
+            "user_id": str(budget["user_id"]),
+            "exceeded_amount": to_major_units(held - total, budget["currency"]),
+            "threshold_percentage": percentage(held, total),
+            "currency": budget["currency"],
+        },
+    )
+
+
+async def _announce(
+    conn: DbConn,
+    budget: asyncpg.Record,
+    before: tuple[int, int],
+    after: tuple[int, int],
+    cause: str,
+) -> None:
+    """Adds to the outbox, in the caller's transaction, the alerts a change
+    of a period from ``before`` to ``after`` (held, total) crosses and that
+    the period has not announced yet."""
+    due = alerts_due(before, after, budget["thresholds"], Mode(budget["mode"]))
+    for alert in due:
+        event_id = uuid.uuid5(budget["budget_id"], f"{alert.kind}:{alert.threshold}")
+        if not await store.record_alert(
+            conn, budget["budget_id"], alert.kind, alert.threshold, event_id
+        ):
+            continue
+        held, total = after
+        if alert.kind == "EXCEEDED":
+            await _add_exceeded_event(conn, budget, held, event_id)
+        else:
+            await _add_threshold_event(conn, budget, alert, held, total, event_id)
+        log.info(
+            "budget_alert",
+            budget_id=str(budget["budget_id"]),
+            kind=alert.kind,
+            threshold=alert.threshold,
+            cause=cause,
+        )
+
+
+async def _add_threshold_event(
+    conn: DbConn, budget: asyncpg.Record, alert: Alert, held: int, total: int, event_id: uuid.UUID
+) -> None:
+    currency = budget["currency"]
+    await outbox.add_event(
+        conn,
+        event_id=event_id,
+        event_type="BudgetThresholdReached",
+        routing_key="budget.threshold_reached",
+        aggregate_id=str(budget["budget_id"]),
+        data={
+            "budget_id": str(budget["budget_id"]),
+            "wallet_id": str(budget["wallet_id"] or ""),
+            "user_id": str(budget["user_id"]),
+            "threshold_percentage": alert.threshold,
+            # Held spend: used and still reserved, as the hard limit counts it.
+            "used_amount": to_major_units(held, currency),
+            "total_amount": to_major_units(total, currency),
+            "currency": currency,
+        },
+    )
 
 
 def _same_reservation(
@@ -221,6 +438,229 @@ async def sweep_expired_reservations(pool: asyncpg.Pool, every_seconds: float) -
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("reservation_sweep_failed", error=str(exc))
         await asyncio.sleep(every_seconds)
+
+
+# ---------------------------------------------------------------- periods
+
+
+async def roll_over_periods(pool: asyncpg.Pool, now: datetime, batch: int = 200) -> int:
+    """Closes every open period that has ended by ``now`` (status EXPIRED)
+    and opens the next by the rollover policy (ONE_TIME only closes); each
+    with a history row. Periods already past are caught up one at a time
+    (a new period that has ended too is closed on the next round). Returns
+    how many periods it closed."""
+    closed = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            ended = await store.lock_ended_periods(conn, now, batch)
+            for row in ended:
+                await _close_period(conn, row)
+        closed += len(ended)
+        if len(ended) < batch:
+            break
+    if closed:
+        log.info("budget_periods_closed", count=closed)
+    return closed
+
+
+async def _close_period(conn: DbConn, row: asyncpg.Record) -> None:
+    bid = row["budget_id"]
+    await conn.execute(
+        "UPDATE budgets SET status = $2, updated_at = now() WHERE budget_id = $1",
+        bid,
+        int(BudgetStatus.EXPIRED),
+    )
+    await store.insert_history(
+        conn,
+        bid,
+        "EXPIRED",
+        {"status": row["status"]},
+        {"status": int(BudgetStatus.EXPIRED)},
+        "period ended",
+        "system",
+    )
+    period = next_period(row["period_anchor"], PeriodType(row["period_type"]), row["end_date"])
+    if period is None:
+        return
+    total, carried = next_period_total(
+        Rollover(row["rollover"]),
+        row["total_amount"],
+        row["carried_over"],
+        row["used_amount"],
+        row["reserved_amount"],
+    )
+    successor = await store.insert_budget(
+        conn,
+        {
+            "budget_id": uuid.uuid4(),
+            "user_id": row["user_id"],
+            "wallet_id": row["wallet_id"],
+            "company_id": row["company_id"],
+            "category": row["category"],
+            "currency": row["currency"],
+            "total_amount": total,
+            "period_type": row["period_type"],
+            "start_date": period[0],
+            "end_date": period[1],
+            "mode": row["mode"],
+            "rollover": row["rollover"],
+            "thresholds": list(row["thresholds"]),
+            "period_anchor": row["period_anchor"],
+            "previous_budget_id": bid,
+            "carried_over": carried,
+            "policy_key": row["policy_key"],
+            "status": row["status"],  # a suspended budget stays suspended
+            "history_action": "ROLLED_OVER",
+            "history_reason": f"next period after {bid}",
+        },
+        "system",
+    )
+    await store.insert_history(
+        conn,
+        bid,
+        "ROLLED_OVER",
+        None,
+        {"next_budget_id": str(successor["budget_id"]), "total_amount": total},
+        "period ended",
+        "system",
+    )
+
+
+async def sweep_ended_periods(pool: asyncpg.Pool, every_seconds: float) -> None:
+    while True:
+        try:
+            await roll_over_periods(pool, datetime.now(UTC))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("period_sweep_failed", error=str(exc))
+        await asyncio.sleep(every_seconds)
+
+
+# ---------------------------------------------------------------- company policy
+
+
+def policy_entry_to_json(entry: PolicyBudget) -> dict[str, Any]:
+    return {
+        "category": entry.category,
+        "currency": entry.currency,
+        "total_amount": entry.total_amount,
+        "period_type": int(entry.period_type),
+        "mode": int(entry.mode),
+        "rollover": int(entry.rollover),
+        "thresholds": list(entry.thresholds),
+    }
+
+
+def policy_entry_from_json(raw: dict[str, Any]) -> PolicyBudget:
+    return PolicyBudget(
+        category=raw["category"],
+        currency=raw["currency"],
+        total_amount=raw["total_amount"],
+        period_type=PeriodType(raw["period_type"]),
+        mode=Mode(raw["mode"]),
+        rollover=Rollover(raw["rollover"]),
+        thresholds=tuple(raw["thresholds"]),
+    )
+
+
+async def set_company_policy(
+    pool: asyncpg.Pool, company_id: str, entries: list[PolicyBudget], actor: str
+) -> tuple[list[PolicyBudget], datetime]:
+    cid = parse_uuid(company_id, "company_id")
+    valid = [
+        PolicyBudget(
+            category=e.category,
+            currency=e.currency,
+            total_amount=e.total_amount,
+            period_type=e.period_type,
+            mode=e.mode,
+            rollover=e.rollover,
+            thresholds=validate_thresholds(e.thresholds),
+        )
+        for e in validate_policy(entries)
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        row = await store.upsert_company_policy(
+            conn, cid, [policy_entry_to_json(e) for e in valid], actor
+        )
+    log.info("company_policy_set", company_id=str(cid), budgets=len(valid))
+    return valid, row["updated_at"]
+
+
+async def get_company_policy(
+    pool: asyncpg.Pool, company_id: str
+) -> tuple[list[PolicyBudget], datetime | None]:
+    """A company's policy; an empty one when none was set."""
+    cid = parse_uuid(company_id, "company_id")
+    async with pool.acquire() as conn:
+        row = await store.fetch_company_policy(conn, cid)
+    if row is None:
+        return [], None
+    return [policy_entry_from_json(e) for e in row["budgets"]], row["updated_at"]
+
+
+async def apply_company_policy(
+    pool: asyncpg.Pool,
+    user_id: str,
+    company_id: str,
+    wallet_id: str,
+    now: datetime | None = None,
+) -> list[asyncpg.Record]:
+    """Creates a new user's default budgets from their company's policy;
+    returns those it created. Idempotent per user and policy entry (a
+    unique index): a redelivered UserCreated creates nothing more."""
+    uid = parse_uuid(user_id, "user_id")
+    cid = parse_uuid(company_id, "company_id")
+    wid = parse_uuid(wallet_id, "wallet_id") if wallet_id else None
+    entries, _ = await get_company_policy(pool, company_id)
+    planned = default_budgets(entries, now or datetime.now(UTC))
+    for attempt in (1, 2):
+        try:
+            created = await _create_policy_budgets(pool, uid, cid, wid, planned)
+            break
+        except asyncpg.UniqueViolationError:
+            # A concurrent apply for the same user won; the retry skips its budgets.
+            if attempt == 2:
+                raise
+    if created:
+        log.info("company_policy_applied", user_id=str(uid), budgets=len(created))
+    return created
+
+
+async def _create_policy_budgets(
+    pool: asyncpg.Pool,
+    uid: uuid.UUID,
+    cid: uuid.UUID,
+    wid: uuid.UUID | None,
+    planned: list[tuple[PolicyBudget, datetime, datetime]],
+) -> list[asyncpg.Record]:
+    created: list[asyncpg.Record] = []
+    async with pool.acquire() as conn, conn.transaction():
+        for entry, start, end in planned:
+            key = f"{cid}:{entry.key}"
+            exists = await conn.fetchval(
+                "SELECT 1 FROM budgets WHERE user_id = $1 AND policy_key = $2", uid, key
+            )
+            if exists:
+                continue
+            values = {
+                "budget_id": uuid.uuid4(),
+                "user_id": uid,
+                "wallet_id": wid,
+                "company_id": cid,
+                "category": entry.category,
+                "currency": entry.currency,
+                "total_amount": entry.total_amount,
+                "period_type": int(entry.period_type),
+                "start_date": start,
+                "end_date": end,
+                "mode": int(entry.mode),
+                "rollover": int(entry.rollover),
+                "thresholds": list(entry.thresholds),
+                "policy_key": key,
+                "history_reason": "company policy",
+            }
+            created.append(await store.insert_budget(conn, values, "system"))
+    return created
 
 
 __all__ = ["Mode", "ReserveCommand"]

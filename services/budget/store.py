@@ -14,7 +14,7 @@ from services.common.db import DbConn
 _BUDGET_COLUMNS = """
     budget_id, user_id, wallet_id, company_id, category, currency, total_amount, used_amount,
     reserved_amount, period_type, start_date, end_date, mode, rollover, thresholds, status,
-    created_by, created_at, updated_at
+    created_by, created_at, updated_at, period_anchor, previous_budget_id, carried_over, policy_key
 """
 _RESERVATION_COLUMNS = """
     r.reservation_id, r.reference, r.user_id, r.amount, r.currency, r.category, r.status,
@@ -39,8 +39,10 @@ async def insert_budget(conn: DbConn, values: dict[str, Any], actor: str) -> asy
         f"""
         INSERT INTO budgets (budget_id, user_id, wallet_id, company_id, category, currency,
                              total_amount, period_type, start_date, end_date, mode, rollover,
-                             thresholds, created_by)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                             thresholds, created_by, period_anchor, previous_budget_id,
+                             carried_over, policy_key, status)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                coalesce($15::timestamptz, $9::timestamptz), $16, $17, $18, $19)
         RETURNING {_BUDGET_COLUMNS}
         """,
         values["budget_id"],
@@ -57,14 +59,20 @@ async def insert_budget(conn: DbConn, values: dict[str, Any], actor: str) -> asy
         values["rollover"],
         values["thresholds"],
         actor,
+        values.get("period_anchor"),
+        values.get("previous_budget_id"),
+        values.get("carried_over", 0),
+        values.get("policy_key"),
+        values.get("status", 1),
     )
     assert row is not None
-    await conn.execute(
-        "INSERT INTO budget_history (history_id, budget_id, action, new_values, actor_id)"
-        " VALUES ($1, $2, 'CREATED', $3, $4)",
-        uuid.uuid4(),
+    await insert_history(
+        conn,
         row["budget_id"],
-        {k: str(v) for k, v in values.items()},
+        values.get("history_action", "CREATED"),
+        None,
+        {k: str(v) for k, v in values.items() if k != "history_action"},
+        values.get("history_reason", ""),
         actor,
     )
     return row
@@ -76,13 +84,167 @@ async def fetch_budget(conn: DbConn, budget_id: uuid.UUID) -> asyncpg.Record | N
     )
 
 
-async def list_budgets(conn: DbConn, user_id: uuid.UUID) -> list[asyncpg.Record]:
+async def list_budgets(
+    conn: DbConn,
+    *,
+    user_id: uuid.UUID | None,
+    company_id: uuid.UUID | None,
+    status: int | None,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Budgets (every period) oldest first, filtered by whichever of user,
+    company and status are given, after the cursor (created_at, budget_id)."""
     return list(
         await conn.fetch(
-            f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE user_id = $1 ORDER BY created_at, budget_id",
+            f"""
+            SELECT {_BUDGET_COLUMNS} FROM budgets
+             WHERE ($1::uuid IS NULL OR user_id = $1)
+               AND ($2::uuid IS NULL OR company_id = $2)
+               AND ($3::smallint IS NULL OR status = $3)
+               AND ($4::timestamptz IS NULL OR (created_at, budget_id) > ($4, $5::uuid))
+             ORDER BY created_at, budget_id LIMIT $6
+            """,
             user_id,
+            company_id,
+            status,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit,
         )
     )
+
+
+async def lock_budget(conn: DbConn, budget_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE budget_id = $1 FOR UPDATE", budget_id
+    )
+
+
+async def update_budget(
+    conn: DbConn, budget_id: uuid.UUID, *, total_amount: int, status: int, carried_over: int
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        f"""
+        UPDATE budgets SET total_amount = $2, status = $3, carried_over = $4, updated_at = now()
+         WHERE budget_id = $1 RETURNING {_BUDGET_COLUMNS}
+        """,
+        budget_id,
+        total_amount,
+        status,
+        carried_over,
+    )
+    assert row is not None
+    return row
+
+
+async def insert_history(
+    conn: DbConn,
+    budget_id: uuid.UUID,
+    action: str,
+    old_values: dict[str, Any] | None,
+    new_values: dict[str, Any] | None,
+    reason: str,
+    actor: str,
+) -> None:
+    # clock_timestamp(): entries of one transaction keep their order.
+    await conn.execute(
+        """
+        INSERT INTO budget_history (history_id, budget_id, action, old_values, new_values,
+                                    reason, actor_id, created_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp())
+        """,
+        uuid.uuid4(),
+        budget_id,
+        action,
+        old_values,
+        new_values,
+        reason,
+        actor,
+    )
+
+
+async def list_history(
+    conn: DbConn,
+    budget_id: uuid.UUID,
+    before: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """A budget's history newest first, before the cursor."""
+    return list(
+        await conn.fetch(
+            """
+            SELECT history_id, budget_id, action, old_values, new_values, reason, actor_id,
+                   created_at
+              FROM budget_history
+             WHERE budget_id = $1
+               AND ($2::timestamptz IS NULL OR (created_at, history_id) < ($2, $3::uuid))
+             ORDER BY created_at DESC, history_id DESC LIMIT $4
+            """,
+            budget_id,
+            before[0] if before else None,
+            before[1] if before else None,
+            limit,
+        )
+    )
+
+
+async def record_alert(
+    conn: DbConn, budget_id: uuid.UUID, kind: str, threshold: int, event_id: uuid.UUID
+) -> bool:
+    """Records that a period announced an alert; False when it already had."""
+    inserted = await conn.fetchval(
+        """
+        INSERT INTO budget_alerts (budget_id, kind, threshold, event_id) VALUES ($1, $2, $3, $4)
+        ON CONFLICT DO NOTHING RETURNING true
+        """,
+        budget_id,
+        kind,
+        threshold,
+        event_id,
+    )
+    return bool(inserted)
+
+
+async def lock_ended_periods(conn: DbConn, now: datetime, limit: int) -> list[asyncpg.Record]:
+    """Open periods (active or suspended) whose end has come, locked; a
+    concurrent sweeper skips them."""
+    return list(
+        await conn.fetch(
+            f"""
+            SELECT {_BUDGET_COLUMNS} FROM budgets
+             WHERE status IN (1, 3) AND end_date <= $1
+             ORDER BY end_date, budget_id LIMIT $2 FOR UPDATE SKIP LOCKED
+            """,
+            now,
+            limit,
+        )
+    )
+
+
+async def fetch_company_policy(conn: DbConn, company_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT company_id, budgets, updated_at FROM company_policies WHERE company_id = $1",
+        company_id,
+    )
+
+
+async def upsert_company_policy(
+    conn: DbConn, company_id: uuid.UUID, budgets: list[dict[str, Any]], actor: str
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        """
+        INSERT INTO company_policies (company_id, budgets, updated_by) VALUES ($1, $2, $3)
+        ON CONFLICT (company_id) DO UPDATE
+           SET budgets = excluded.budgets, updated_by = excluded.updated_by, updated_at = now()
+        RETURNING company_id, budgets, updated_at
+        """,
+        company_id,
+        budgets,
+        actor,
+    )
+    assert row is not None
+    return row
 
 
 async def lock_applicable_budgets(
@@ -90,18 +252,27 @@ async def lock_applicable_budgets(
 ) -> list[BudgetState]:
     """The active budgets that a spend in ``category`` must fit, locked in id
     order so that concurrent reservations queue instead of deadlocking."""
-    rows = await conn.fetch(
-        f"""
+    return [
+        budget_state(r) for r in await lock_applicable_budget_rows(conn, user_id, category, now)
+    ]
+
+
+async def lock_applicable_budget_rows(
+    conn: DbConn, user_id: uuid.UUID, category: str, now: datetime
+) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            f"""
         SELECT {_BUDGET_COLUMNS} FROM budgets
          WHERE user_id = $1 AND status = 1 AND category IN ($2, 'ALL')
            AND start_date <= $3 AND end_date > $3
          ORDER BY budget_id FOR UPDATE
         """,
-        user_id,
-        category,
-        now,
+            user_id,
+            category,
+            now,
+        )
     )
-    return [budget_state(r) for r in rows]
 
 
 async def fetch_reservation(

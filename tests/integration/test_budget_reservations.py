@@ -834,7 +834,7 @@ async def test_enum_values_outside_the_contract_are_refused_over_grpc(
     setattr(budget, field, value)
 
     with pytest.raises(InvalidArgument) as raised:
-        await BudgetApi(budget_pool, 60).CreateBudget(  # type: ignore[abstract]
+        await BudgetApi(budget_pool, 60).CreateBudget(
             budget_pb2.CreateBudgetRequest(budget=budget), context=None
         )
 
@@ -853,7 +853,7 @@ async def test_a_timestamp_beyond_year_9999_is_refused_over_grpc(budget_pool: as
     budget.end_date.seconds = 2**40
 
     with pytest.raises(InvalidArgument) as raised:
-        await BudgetApi(budget_pool, 60).CreateBudget(  # type: ignore[abstract]
+        await BudgetApi(budget_pool, 60).CreateBudget(
             budget_pb2.CreateBudgetRequest(budget=budget), context=None
         )
 
