@@ -103,3 +103,7 @@ bench-ledger: protos infra ## The ledger benchmark: ours against a naive baselin
 .PHONY: bench-history
 bench-history: protos infra ## First-page latency of a wallet with 100,000 transactions (bench/results/history.json).
 	$(PY) -m bench.history
+
+.PHONY: bench-budget
+bench-budget: protos infra ## Reserve+Commit pairs over gRPC at 500/s and flat out (bench/results/budget.json).
+	$(PY) -m bench.budget

@@ -1,19 +1,19 @@
 """python -m bench: runs every benchmark that has landed.
 
-Today: the ledger's (``bench.ledger``) and the wallet history's
-(``bench.history``). The budget, fraud and gateway benchmarks arrive with
-their issues and are added here.
+Today: the ledger's (``bench.ledger``), the wallet history's
+(``bench.history``) and the budget's (``bench.budget``). The fraud and
+gateway benchmarks arrive with their issues and are added here.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import history, ledger
+from bench import budget, history, ledger
 
 
 def main() -> None:
-    for benchmark in (ledger, history):
+    for benchmark in (ledger, history, budget):
         sys.argv = [sys.argv[0]]  # each with its defaults
         benchmark.main()
 

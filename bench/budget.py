@@ -1,0 +1,187 @@
+"""The budget benchmark: Reserve + Commit pairs over gRPC, on one hot budget
+and spread over 10,000 budgets, at a fixed offered rate and flat out.
+
+    make bench-budget            (python -m bench.budget --help)
+
+Target on a 2-core machine: p99 under 5 ms at 500 pairs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+
+from bench.common import (
+    bench_settings,
+    drop_databases,
+    machine,
+    percentile,
+    running_service,
+    write_results,
+)
+from moneta.budget.v1 import budget_pb2, budget_pb2_grpc
+from moneta.common.v1.money_pb2 import Money
+
+PREFIX = "moneta_bench_budget_"
+TARGET_RATE = 500
+TARGET_P99_MS = 5.0
+
+
+async def create_budgets(stub: budget_pb2_grpc.BudgetServiceStub, users: list[str]) -> None:
+    now = datetime.now(UTC)
+    sem = asyncio.Semaphore(32)
+
+    async def one(user: str) -> None:
+        budget = budget_pb2.Budget(
+            user_id=user,
+            category="ALL",
+            currency="USD",
+            total_amount=10**12,
+            period_type=budget_pb2.PERIOD_TYPE_MONTHLY,
+            mode=budget_pb2.BUDGET_MODE_HARD,
+        )
+        budget.start_date.FromDatetime(now - timedelta(days=1))
+        budget.end_date.FromDatetime(now + timedelta(days=30))
+        async with sem:
+            await stub.CreateBudget(budget_pb2.CreateBudgetRequest(budget=budget), timeout=30)
+
+    await asyncio.gather(*(one(u) for u in users))
+
+
+async def pair(stub: budget_pb2_grpc.BudgetServiceStub, user: str) -> float | None:
+    """One Reserve + Commit; its latency in ms, or None when it failed."""
+    started = time.perf_counter()
+    try:
+        return await _pair(stub, user, started)
+    except grpc.aio.AioRpcError:
+        return None
+
+
+async def _pair(stub: budget_pb2_grpc.BudgetServiceStub, user: str, started: float) -> float:
+    reservation = (
+        await stub.Reserve(
+            budget_pb2.ReserveRequest(
+                user_id=user,
+                amount=Money(amount=100, currency="USD"),
+                category="FLIGHT",
+                reference=str(uuid.uuid4()),
+            ),
+            timeout=10,
+        )
+    ).reservation
+    await stub.Commit(
+        budget_pb2.CommitRequest(reservation_id=reservation.reservation_id), timeout=10
+    )
+    return (time.perf_counter() - started) * 1000
+
+
+async def offered(
+    stub: budget_pb2_grpc.BudgetServiceStub, users: list[str], rate: int, seconds: float
+) -> dict[str, Any]:
+    """Starts pairs at ``rate`` per second for ``seconds`` (open loop: a slow
+    answer does not slow the arrivals down) and measures each."""
+    rng = random.Random(5)
+    tasks = []
+    started = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        due = started + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(pair(stub, rng.choice(users))))
+    answers = await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    latencies = [a for a in answers if a is not None]
+    return {
+        "offered_per_s": rate,
+        "failed": len(answers) - len(latencies),
+        "achieved_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "pairs": len(latencies),
+    }
+
+
+async def flat_out(
+    stub: budget_pb2_grpc.BudgetServiceStub, users: list[str], clients: int, count: int
+) -> dict[str, Any]:
+    rng = random.Random(6)
+    latencies: list[float] = []
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            latency = await pair(stub, rng.choice(users))
+            if latency is not None:
+                latencies.append(latency)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "pairs_per_s": round(len(latencies) / elapsed, 1),
+        "p99_ms": round(percentile(latencies, 99), 2),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = bench_settings(PREFIX)
+    await drop_databases(settings, PREFIX)
+    results: dict[str, Any] = {"machine": machine(), "target": {"rate": TARGET_RATE,
+                               "p99_ms": TARGET_P99_MS}, "scenarios": {}}  # fmt: skip
+    with running_service("budget", PREFIX, MONETA_DB_POOL_MAX="20") as budget:
+        async with grpc.aio.insecure_channel(budget.address) as channel:
+            stub = budget_pb2_grpc.BudgetServiceStub(channel)
+            hot = [str(uuid.uuid4())]
+            cold = [str(uuid.uuid4()) for _ in range(args.budgets)]
+            print(f"creating {args.budgets:,} budgets and one hot one …")
+            await create_budgets(stub, hot + cold)
+            for name, users in (("one_hot_budget", hot), ("10k_budgets", cold)):
+                runs = [
+                    await offered(stub, users, args.rate, args.seconds) for _ in range(args.runs)
+                ]
+                mid = sorted(runs, key=lambda r: r["p99_ms"])[len(runs) // 2]
+                top = await flat_out(stub, users, args.clients, args.flat_out_pairs)
+                results["scenarios"][name] = {
+                    "at_offered_rate": mid,
+                    "per_run_p99_ms": [r["p99_ms"] for r in runs],
+                    "flat_out": top,
+                    "meets_target": mid["p99_ms"] < TARGET_P99_MS
+                    and mid["failed"] == 0
+                    and mid["achieved_per_s"] >= TARGET_RATE * 0.98,
+                }
+                print(
+                    f"  {name:<15} at {args.rate}/s: p50 {mid['p50_ms']} ms, p99 {mid['p99_ms']} ms,"
+                    f" {mid['failed']} failed;"
+                    f" flat out {top['pairs_per_s']}/s (p99 {top['p99_ms']} ms)"
+                )
+    await drop_databases(settings, PREFIX)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budgets", type=int, default=10_000)
+    parser.add_argument("--rate", type=int, default=TARGET_RATE)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--flat-out-pairs", type=int, default=4000)
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    path = write_results("budget", results)
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()
