@@ -202,6 +202,24 @@ def is_self(who: Principal, user_id: str) -> bool:
     return same_id(who.user_id, user_id)
 
 
+def require_self(who: Principal, user_id: str) -> None:
+    """Money moves only from the caller's own wallet; anyone else's does not
+    exist, as far as the caller knows."""
+    if not is_self(who, user_id):
+        raise NotFound("not found", reason="WALLET_NOT_FOUND")
+
+
+def require_idempotency_key(body_key: str | None, header_key: str | None) -> str:
+    """A money-moving request's key: in the body, or the Idempotency-Key header."""
+    key = body_key or header_key
+    if not key:
+        raise InvalidArgument(
+            "idempotency_key is required (body or Idempotency-Key header)",
+            reason="IDEMPOTENCY_KEY_REQUIRED",
+        )
+    return key
+
+
 async def authorize_user_access(ups: Upstreams, who: Principal, user_id: str, reason: str) -> None:
     """Self, admin, or a manager of the user's company; anyone else is told
     the thing does not exist, so that ids cannot be probed."""

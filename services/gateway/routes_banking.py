@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moneta.common.v1.money_pb2 import Money
 from moneta.wallet.v1 import wallet_pb2
-from services.common.errors import InvalidArgument, NotFound, Unauthenticated
+from services.common.errors import InvalidArgument, Unauthenticated
 from services.gateway.auth import Principal
 from services.gateway.config import GatewaySettings
 from services.gateway.deps import (
@@ -21,9 +21,10 @@ from services.gateway.deps import (
     Caller,
     Peers,
     call,
-    is_self,
     parse_amount,
+    require_idempotency_key,
     require_role,
+    require_self,
 )
 
 router = APIRouter()
@@ -153,8 +154,7 @@ def _act_as_self(who: Principal, user_id: str) -> None:
     """Bank accounts and bank transfers are the owner's own business only;
     anyone else's are not found, so that ids cannot be probed."""
     require_role(who, "user", "manager", "admin")
-    if not is_self(who, user_id):
-        raise NotFound("not found", reason="WALLET_NOT_FOUND")
+    require_self(who, user_id)
 
 
 # -- routes
@@ -186,12 +186,7 @@ async def _bank_transfer_request(
     body: BankTransferBody, who: Principal, ups: Peers, header_key: str | None
 ) -> tuple[str, Money]:
     _act_as_self(who, body.user_id)
-    key = body.idempotency_key or header_key
-    if not key:
-        raise InvalidArgument(
-            "idempotency_key is required (body or Idempotency-Key header)",
-            reason="IDEMPOTENCY_KEY_REQUIRED",
-        )
+    key = require_idempotency_key(body.idempotency_key, header_key)
     currency = body.currency
     if currency is None:
         wallet = await call(

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moneta.common.v1.money_pb2 import Money
 from moneta.wallet.v1 import wallet_pb2
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument
 from services.common.money import to_major_units
 from services.gateway.deps import (
     ERROR_RESPONSES,
@@ -17,8 +17,9 @@ from services.gateway.deps import (
     Peers,
     call,
     parse_amount,
+    require_idempotency_key,
     require_role,
-    same_id,
+    require_self,
 )
 
 router = APIRouter()
@@ -123,22 +124,6 @@ class ExchangeAnswer(BaseModel):
     balances: list[BalanceAnswer]
 
 
-def _require_self(who_id: str, user_id: str) -> None:
-    if not same_id(user_id, who_id):
-        # Someone else's wallet does not exist, as far as the caller knows.
-        raise NotFound("not found", reason="WALLET_NOT_FOUND")
-
-
-def _idempotency_key(body_key: str | None, header_key: str | None) -> str:
-    key = body_key or header_key
-    if not key:
-        raise InvalidArgument(
-            "idempotency_key is required (body or Idempotency-Key header)",
-            reason="IDEMPOTENCY_KEY_REQUIRED",
-        )
-    return key
-
-
 def _positive(amount: int, field: str = "amount") -> int:
     if amount <= 0:
         raise InvalidArgument(
@@ -212,8 +197,8 @@ async def pay_merchant(
     """Pays a merchant from the caller's wallet: a QR code (paid once), or a
     merchant id with an amount. Retrying with the same idempotency key
     returns the first result and moves nothing again."""
-    _require_self(who.user_id, body.payer_id)
-    key = _idempotency_key(body.idempotency_key, idempotency_key)
+    require_self(who, body.payer_id)
+    key = require_idempotency_key(body.idempotency_key, idempotency_key)
     request = wallet_pb2.PayMerchantRequest(
         payer_id=body.payer_id,
         idempotency_key=key,
@@ -258,7 +243,7 @@ async def pay_merchant(
 async def create_exchange_quote(body: QuoteBody, who: Caller, ups: Peers) -> QuoteAnswer:
     """A quote to exchange an amount of one currency for another, valid for
     a short time (see expires_at)."""
-    _require_self(who.user_id, body.user_id)
+    require_self(who, body.user_id)
     amount = _positive(parse_amount(body.amount, body.from_currency))
     response = await call(
         who,
@@ -291,8 +276,8 @@ async def execute_exchange(
 ) -> ExchangeAnswer:
     """Executes the caller's quote at its rate, once, atomically. Retrying
     with the same idempotency key returns the first result."""
-    _require_self(who.user_id, body.user_id)
-    key = _idempotency_key(body.idempotency_key, idempotency_key)
+    require_self(who, body.user_id)
+    key = require_idempotency_key(body.idempotency_key, idempotency_key)
     response = await call(
         who,
         ups.wallet.ExecuteExchange,

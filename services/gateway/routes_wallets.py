@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from moneta.common.v1.money_pb2 import Money
 from moneta.ledger.v1 import ledger_pb2
 from moneta.wallet.v1 import wallet_pb2
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied
+from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.money import to_major_units
 from services.gateway.deps import (
     ERROR_RESPONSES,
@@ -21,7 +21,9 @@ from services.gateway.deps import (
     call,
     is_self,
     parse_amount,
+    require_idempotency_key,
     require_role,
+    require_self,
 )
 
 router = APIRouter()
@@ -166,15 +168,8 @@ async def create_transfer(
     """A P2P transfer from the caller's wallet to a user found by id, email,
     phone or username. Retrying with the same idempotency key returns the
     first result and moves nothing again."""
-    if not is_self(who, body.sender_id):
-        # Someone else's wallet does not exist, as far as the caller knows.
-        raise NotFound("not found", reason="WALLET_NOT_FOUND")
-    key = body.idempotency_key or idempotency_key
-    if not key:
-        raise InvalidArgument(
-            "idempotency_key is required (body or Idempotency-Key header)",
-            reason="IDEMPOTENCY_KEY_REQUIRED",
-        )
+    require_self(who, body.sender_id)
+    key = require_idempotency_key(body.idempotency_key, idempotency_key)
     currency = body.currency
     if currency is None:
         sender = await call(

@@ -768,41 +768,46 @@ async def _posted_balance(peers: Peers, record: asyncpg.Record) -> dict[uuid.UUI
 
 
 async def _post_hold(conn: DbConn, peers: Peers, record: asyncpg.Record) -> str:
-    result = await peers.create_transfer(
-        ledger_pb2.Transfer(
-            id=str(settlement_transfer_id(record["transfer_id"])),
-            amount=record["amount"],
-            currency=record["currency"],
-            type=ledger_pb2.TRANSFER_TYPE_POST_PENDING,
-            pending_id=str(record["transfer_id"]),
-            code=record["kind"],
-        )
-    )
-    if result.code not in _OK_CODES:
-        raise _ledger_refused(result, "settlement")
-    await history.set_status(
-        conn, record["transfer_id"], "COMPLETED", await _posted_balance(peers, record)
-    )
-    return "COMPLETED"
+    return await _resolve_hold(
+        conn, peers, record, ledger_pb2.TRANSFER_TYPE_POST_PENDING,
+        settlement_transfer_id(record["transfer_id"]), "COMPLETED", "settlement",
+    )  # fmt: skip
 
 
 async def _void_hold(conn: DbConn, peers: Peers, record: asyncpg.Record) -> str:
+    return await _resolve_hold(
+        conn, peers, record, ledger_pb2.TRANSFER_TYPE_VOID_PENDING,
+        void_transfer_id(record["transfer_id"]), "FAILED", "void",
+    )  # fmt: skip
+
+
+async def _resolve_hold(
+    conn: DbConn,
+    peers: Peers,
+    record: asyncpg.Record,
+    kind: ledger_pb2.TransferType.ValueType,
+    transfer_id: uuid.UUID,
+    status: str,
+    what: str,
+) -> str:
+    """Posts or voids the bank transfer's hold and moves its history to
+    ``status``."""
     result = await peers.create_transfer(
         ledger_pb2.Transfer(
-            id=str(void_transfer_id(record["transfer_id"])),
+            id=str(transfer_id),
             amount=record["amount"],
             currency=record["currency"],
-            type=ledger_pb2.TRANSFER_TYPE_VOID_PENDING,
+            type=kind,
             pending_id=str(record["transfer_id"]),
             code=record["kind"],
         )
     )
     if result.code not in _OK_CODES:
-        raise _ledger_refused(result, "void")
+        raise _ledger_refused(result, what)
     await history.set_status(
-        conn, record["transfer_id"], "FAILED", await _posted_balance(peers, record)
+        conn, record["transfer_id"], status, await _posted_balance(peers, record)
     )
-    return "FAILED"
+    return status
 
 
 def _reversal(record: asyncpg.Record) -> ledger_pb2.Transfer:

@@ -538,21 +538,12 @@ class _Payment:
                 details={"currency": self.currency, "available": 0},
             )
         review = await self._score()
-        reservation = await self.peers.reserve(
-            self.sender_wallet["user_id"], self.cmd.amount, self.currency, self.cmd.category,
-            str(self.pid),
+        self.reservation_id = await reserve_for_payment(
+            self.pool, self.peers, self.pid, self.sender_wallet["user_id"], self.cmd.amount,
+            self.currency, self.cmd.category,
             # A held payment keeps its budget for as long as its hold lives.
             ttl_seconds=self.review_seconds + 120 if review else 0,
         )  # fmt: skip
-        if reservation.status != budget_pb2.RESERVATION_STATUS_RESERVED:
-            # An earlier attempt's reservation lapsed before money moved.
-            raise FailedPrecondition(
-                "the payment's budget reservation has lapsed; send it again with a new key",
-                reason="RESERVATION_LAPSED",
-            )
-        self.reservation_id = reservation.reservation_id
-        async with self.pool.acquire() as conn:
-            await store.set_payment_reservation(conn, self.pid, reservation.reservation_id)
 
         recipient_account = await ensure_wallet_account(
             self.pool, self.peers, self.recipient_wallet, self.currency
@@ -574,7 +565,7 @@ class _Payment:
         )
         if result.code in _OK_CODES:
             return result.transfer
-        await self.peers.release(reservation.reservation_id)
+        await self.peers.release(self.reservation_id)
         if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
             raise FailedPrecondition(
                 "insufficient funds",
@@ -626,6 +617,32 @@ class _Payment:
         log.info("transfer_completed", transfer_id=str(self.pid), amount=self.cmd.amount,
                  currency=self.currency)  # fmt: skip
         return TransferOutcome(self.pid, "COMPLETED", balance, self.currency)
+
+
+async def reserve_for_payment(
+    pool: asyncpg.Pool,
+    peers: Peers,
+    pid: uuid.UUID,
+    user_id: uuid.UUID,
+    amount: int,
+    currency: str,
+    category: str,
+    ttl_seconds: int = 0,
+) -> str:
+    """Reserves a payment's budget spend (once: the payment's id is the
+    reference) and records the reservation on the payment."""
+    reservation = await peers.reserve(
+        user_id, amount, currency, category, str(pid), ttl_seconds=ttl_seconds
+    )
+    if reservation.status != budget_pb2.RESERVATION_STATUS_RESERVED:
+        # An earlier attempt's reservation lapsed before money moved.
+        raise FailedPrecondition(
+            "the payment's budget reservation has lapsed; retry with a new key",
+            reason="RESERVATION_LAPSED",
+        )
+    async with pool.acquire() as conn:
+        await store.set_payment_reservation(conn, pid, reservation.reservation_id)
+    return str(reservation.reservation_id)
 
 
 async def complete_p2p(

@@ -33,7 +33,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from moneta.budget.v1 import budget_pb2
 from moneta.common.v1.money_pb2 import Money
 from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2
@@ -607,17 +606,10 @@ class _MerchantPayment:
                 details={"currency": self.currency, "available": 0},
             )
         await self._score()
-        reservation = await self.peers.reserve(
-            self.wallet["user_id"], self.amount, self.currency, self.category, str(self.pid)
-        )
-        if reservation.status != budget_pb2.RESERVATION_STATUS_RESERVED:
-            raise FailedPrecondition(
-                "the payment's budget reservation has lapsed; pay again with a new key",
-                reason="RESERVATION_LAPSED",
-            )
-        self.reservation_id = reservation.reservation_id
-        async with self.pool.acquire() as conn:
-            await store.set_payment_reservation(conn, self.pid, reservation.reservation_id)
+        self.reservation_id = await handlers.reserve_for_payment(
+            self.pool, self.peers, self.pid, self.wallet["user_id"], self.amount, self.currency,
+            self.category,
+        )  # fmt: skip
         merchant_account = await _ensure_merchant_account(
             self.pool, self.peers, self.merchant, self.currency
         )
@@ -637,7 +629,7 @@ class _MerchantPayment:
         )
         if result.code in _OK_CODES:
             return
-        await self.peers.release(reservation.reservation_id)
+        await self.peers.release(self.reservation_id)
         if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
             raise FailedPrecondition(
                 "insufficient funds",
