@@ -29,11 +29,13 @@ from services.common.db import DbConn
 from services.common.errors import (
     Aborted,
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
     MonetaError,
     NotFound,
+    Unavailable,
 )
 from services.common.ids import parse_uuid
 from services.common.money import (
@@ -68,6 +70,10 @@ BUDGET_COMMIT_FAILURES = Counter(
     "moneta_wallet_budget_commit_failures_total",
     "Payments whose money moved but whose budget spend could not be committed.",
 )
+REVIEW_APPROVALS_LOST = Counter(
+    "moneta_wallet_review_approvals_lost_total",
+    "Payments confirmed with the payer's PIN whose fraud review case could not be approved.",
+)
 
 _OK_CODES = (ledger_pb2.TransferResult.OK, ledger_pb2.TransferResult.EXISTS)
 
@@ -99,19 +105,28 @@ async def create_user(pool: asyncpg.Pool, cmd: CreateUserCommand) -> asyncpg.Rec
             "role must be USER, MANAGER or ADMIN", reason="INVALID_ROLE"
         ) from None
     currency = validate_currency(cmd.default_currency or "USD")
-    async with pool.acquire() as conn, conn.transaction():
-        await store.insert_user(
-            conn,
-            user_id=user_id,
-            email=fields.email,
-            phone=fields.phone,
-            username=fields.username,
-            full_name=fields.full_name,
-            company_id=company_id,
-            role=int(role),
-            default_currency=currency,
-        )
-        row = await store.fetch_user(conn, user_id)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await store.insert_user(
+                conn,
+                user_id=user_id,
+                email=fields.email,
+                phone=fields.phone,
+                username=fields.username,
+                full_name=fields.full_name,
+                company_id=company_id,
+                role=int(role),
+                default_currency=currency,
+            )
+            row = await store.fetch_user(conn, user_id)
+    except AlreadyExists:
+        # The same id inserted at the same moment (two deliveries of one
+        # event) can trip the email or username index before the id's: a
+        # conflict on the id after all, compared below.
+        async with pool.acquire() as conn:
+            row = await store.fetch_user(conn, user_id)
+        if row is None:
+            raise
     assert row is not None
     wanted = (
         fields.email,
@@ -900,6 +915,22 @@ async def update_wallet_status(
             ) from None
     async with pool.acquire() as conn, conn.transaction():
         changed = await store.change_wallet_status(conn, wid, current, wanted, reason, actor)
+        if changed:
+            await outbox.add_event(
+                conn,
+                event_id=uuid.uuid4(),  # stored with the change: stable from here on
+                event_type="WalletStatusChanged",
+                routing_key="wallet.status_changed",
+                aggregate_id=str(wid),
+                data={
+                    "wallet_id": str(wid),
+                    "user_id": str(wallet["user_id"]),
+                    "old_status": current.name,
+                    "new_status": wanted.name,
+                    "reason": reason,
+                    "actor_id": actor,
+                },
+            )
     if not changed:
         raise Aborted("the wallet changed meanwhile; try again", reason="CONCURRENT_UPDATE")
     log.info("wallet_status_changed", wallet_id=wallet_id, status=wanted.name, actor=actor)
@@ -954,6 +985,7 @@ async def confirm_transfer(
         # The wallets may have changed while the payment waited.
         ensure_can_send(WalletStatus(sender_wallet["status"]))
         ensure_can_receive(WalletStatus(recipient_wallet["status"]))
+        await _approve_review(peers, pid, uid)
         result = await peers.create_transfer(
             ledger_pb2.Transfer(
                 id=str(review_post_id(pid)),
@@ -981,6 +1013,21 @@ async def confirm_transfer(
             await store.release_lease(conn, pid)
     log.info("transfer_confirmed", transfer_id=str(pid))
     return TransferOutcome(pid, "COMPLETED", balance, payment["currency"])
+
+
+async def _approve_review(peers: Peers, pid: uuid.UUID, payer: uuid.UUID) -> None:
+    """The payer's PIN approves the payment's fraud review case. An analyst's
+    rejection stands: the payment is declined (its hold lapses). Fraud not
+    answering does not hold the payment up: logged and counted."""
+    try:
+        await peers.approve_review(pid, payer)
+    except FailedPrecondition as exc:
+        if exc.reason == "REVIEW_ALREADY_RESOLVED":
+            raise TransactionDeclined("the transaction was declined") from None
+        raise
+    except (Unavailable, DeadlineExceeded, NotFound) as exc:
+        REVIEW_APPROVALS_LOST.inc()
+        log.warning("review_approval_not_recorded", transfer_id=str(pid), reason=exc.reason)
 
 
 async def _settle_lapsed_review(pool: asyncpg.Pool, peers: Peers, payment: asyncpg.Record) -> None:

@@ -91,7 +91,8 @@ async def insert_wallet(
     await conn.execute(
         """
         INSERT INTO wallets (wallet_id, user_id, default_currency, initial_balance)
-        VALUES ($1, $2, $3, $4) ON CONFLICT (wallet_id) DO NOTHING
+        VALUES ($1, $2, $3, $4)
+        ON CONFLICT DO NOTHING  -- by id or by user: the id is the user's, either way
         """,
         wallet_id,
         user_id,
@@ -107,7 +108,8 @@ async def insert_wallet_account(
     await conn.execute(
         """
         INSERT INTO wallet_accounts (wallet_id, currency, ledger_account_id)
-        VALUES ($1, $2, $3) ON CONFLICT (wallet_id, currency) DO NOTHING
+        VALUES ($1, $2, $3)
+        ON CONFLICT DO NOTHING  -- the account id is the wallet's and currency's
         """,
         wallet_id,
         currency,
