@@ -7,10 +7,11 @@ the process with one line naming the variable, never a traceback.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MONETA_"
@@ -52,6 +53,18 @@ class CommonSettings(BaseSettings):
     readiness_interval_seconds: float = 2.0
     # Deadline for calls to peer services.
     peer_timeout_seconds: float = 2.0
+    # A second, plaintext port answering only the health service, for
+    # Kubernetes' gRPC probes (the kubelet cannot present a client
+    # certificate). 0: health is answered on the service's own port only.
+    grpc_health_port: int = 0
+
+    # TLS in transit (PEM files). All empty: plaintext. Certificate and key:
+    # the gRPC server speaks TLS and clients present them to their peers.
+    # With a CA bundle as well: mutual TLS, every peer's certificate is
+    # required and verified against it. See services/common/tls.py.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
 
     @field_validator("postgres_url")
     @classmethod
@@ -67,6 +80,29 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: str) -> str:
         return _require_scheme(value, ("redis", "rediss"), "Redis")
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file")
+    @classmethod
+    def _tls_file(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _tls_pair(cls, value: str, info: ValidationInfo) -> str:
+        if bool(value) != bool(info.data.get("tls_cert_file")):
+            raise ValueError("MONETA_TLS_CERT_FILE and MONETA_TLS_KEY_FILE go together")
+        return value
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _tls_ca_needs_pair(cls, value: str, info: ValidationInfo) -> str:
+        if value and not info.data.get("tls_key_file"):
+            raise ValueError(
+                "a CA bundle means mutual TLS: set MONETA_TLS_CERT_FILE and MONETA_TLS_KEY_FILE too"
+            )
+        return value
 
     def database_url(self, service: str) -> str:
         """The URL of the service's own database, derived from ``postgres_url``."""

@@ -166,3 +166,27 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> MonetaError:
         }.get(code, (cls.default_reason, f"a dependency failed ({code.name})"))
         return cls(message, reason=reason)
     return cls(exc.details() or code.name, reason=reason, details=details)
+
+
+def unavailable_from(exc: BaseException) -> Unavailable | None:
+    """An unexpected exception that is a dependency not answering (the
+    database restarting or out of connections, a reset socket, Redis gone)
+    as UNAVAILABLE, which tells the caller to retry later; None for anything
+    else, which is a bug and stays INTERNAL."""
+    import asyncpg
+    from redis import exceptions as redis_errors
+
+    if isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.exceptions.OperatorInterventionError
+        | asyncpg.exceptions.InsufficientResourcesError,
+    ):
+        return Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE")
+    if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc):
+        return Unavailable("the database connection was lost", reason="DATABASE_UNAVAILABLE")
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        return Unavailable("the cache is unavailable", reason="REDIS_UNAVAILABLE")
+    if isinstance(exc, OSError | TimeoutError):
+        return Unavailable("a dependency is unavailable", reason="DEPENDENCY_UNAVAILABLE")
+    return None

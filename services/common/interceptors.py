@@ -18,6 +18,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 
+from services.common.config import CommonSettings
 from services.common.errors import (
     DeadlineExceeded,
     Internal,
@@ -25,8 +26,10 @@ from services.common.errors import (
     MonetaError,
     Unimplemented,
     to_grpc_status,
+    unavailable_from,
 )
 from services.common.logging import accept_request_id, request_id_var
+from services.common.tls import open_channel
 
 # The caller's deadline, as event-loop time, for calls made on its behalf.
 deadline_var: ContextVar[float | None] = ContextVar("deadline", default=None)
@@ -126,12 +129,14 @@ def _observed_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMe
             if _is_abort(exc, context):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
-            code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
-            log.exception("rpc_failed", method=method)
-            await _abort(
-                context,
-                Internal(f"internal error (request id {request_id})", reason="INTERNAL"),
-            )
+            failure: MonetaError | None = unavailable_from(exc)
+            if failure is not None:  # a dependency is down: retry later, not a bug
+                log.warning("rpc_dependency_unavailable", method=method, error=repr(exc)[:300])
+            else:
+                log.exception("rpc_failed", method=method)
+                failure = Internal(f"internal error (request id {request_id})", reason="INTERNAL")
+            code, reason = failure.status_code, failure.reason
+            await _abort(context, failure)
         finally:
             elapsed = time.perf_counter() - started
             counter = handled.get(code)
@@ -307,10 +312,15 @@ class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[m
         return await continuation(details, request)
 
 
-def peer_channel(address: str, timeout: float) -> grpc.aio.Channel:
-    """A channel to a peer service, with request-id propagation and deadlines."""
-    return grpc.aio.insecure_channel(
+def peer_channel(
+    address: str, timeout: float, settings: CommonSettings | None = None
+) -> grpc.aio.Channel:
+    """A channel to a peer service, with request-id propagation and
+    deadlines; over TLS (mutual with a CA bundle) when ``settings`` name a
+    certificate, plaintext otherwise."""
+    return open_channel(
         address,
+        settings,
         interceptors=[ClientInterceptor(timeout)],
         options=[
             ("grpc.keepalive_time_ms", 30_000),

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -15,8 +17,9 @@ import asyncpg
 import structlog
 import uvloop
 
+from services.common import outbox
 from services.common.config import CommonSettings, load_settings
-from services.common.db import migrate
+from services.common.db import create_pool, migrate
 from services.common.logging import configure_logging
 from services.common.server import GrpcService, serve
 
@@ -34,9 +37,11 @@ def run_service(
     commands: Mapping[str, Callable[[S], Coroutine[Any, Any, int]]] | None = None,
 ) -> None:
     """The entry point of every gRPC service's ``__main__``: ``serve`` (the
-    default), ``migrate``, and the service's own ``commands``, whose result
-    is the exit status."""
+    default), ``migrate``, ``relay`` where the service has an outbox, and the
+    service's own ``commands``, whose result is the exit status."""
     extra = dict(commands or {})
+    if migrations is not None and _has_outbox(migrations):
+        extra.setdefault("relay", lambda settings: relay_events(name, settings))
     command = sys.argv[1] if len(sys.argv) > 1 else "serve"
     if command not in ("serve", "migrate", *extra):
         sys.exit(USAGE.format(name=name, commands="|".join(["serve", "migrate", *extra])))
@@ -57,6 +62,31 @@ def run_service(
             await serve(service)
 
     uvloop.run(main())
+
+
+def _has_outbox(migrations: Path) -> bool:
+    return any("CREATE TABLE outbox" in f.read_text() for f in migrations.glob("*.sql"))
+
+
+async def relay_events(name: str, settings: CommonSettings) -> int:
+    """``relay``: the service's outbox relay as a process of its own, until
+    SIGTERM. It may run beside the relay inside the service: the outbox's
+    lock lets one publish at a time, in order."""
+    pool = await create_pool(settings.database_url(name), 1, 2)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    relay = asyncio.create_task(
+        outbox.relay_outbox(pool, settings.amqp_url, settings.amqp_exchange)
+    )
+    try:
+        await stop.wait()
+    finally:
+        relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
+        await pool.close()
+    return 0
 
 
 def settle_garbage_collector() -> None:

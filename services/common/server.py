@@ -8,6 +8,10 @@ Health has two faces, as Kubernetes probes use them:
 - each of the service's own names (``moneta.ledger.v1.LedgerService``) is
   readiness: SERVING only while every dependency answers, re-checked every
   few seconds, and NOT_SERVING while draining.
+
+When the service's port speaks TLS, the kubelet (whose gRPC probes cannot
+present a certificate) reads both faces on a plaintext port that serves the
+health service and nothing else (``MONETA_GRPC_HEALTH_PORT``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from prometheus_client import Gauge, start_http_server
 
 from services.common.config import CommonSettings
 from services.common.interceptors import ServerInterceptor
+from services.common.tls import server_credentials
 
 log = structlog.get_logger("moneta.server")
 
@@ -36,6 +41,7 @@ READY = Gauge("moneta_ready", "1 while every dependency of the service answers."
 DEPENDENCY_UP = Gauge("moneta_dependency_up", "1 while the dependency answers.", ["dependency"])
 
 _CHECK_TIMEOUT_SECONDS = 1.5
+_MAX_CONNECTION_AGE_MS = 300_000
 
 
 @dataclass
@@ -58,6 +64,10 @@ class GrpcService:
     reuse_port: bool = False
     # Long-running tasks (relays, consumers, sweepers), cancelled on stop.
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
+    # TLS for the service's port (None: plaintext); see services/common/tls.py.
+    credentials: grpc.ServerCredentials | None = None
+    # A plaintext port serving only health, for the kubelet's probes (0: none).
+    health_port: int = 0
 
 
 def configured_service(
@@ -86,6 +96,8 @@ def configured_service(
         readiness_interval_seconds=settings.readiness_interval_seconds,
         background=background,
         reuse_port=settings.grpc_reuse_port,
+        credentials=server_credentials(settings),
+        health_port=settings.grpc_health_port,
     )
 
 
@@ -121,6 +133,10 @@ async def serve(service: GrpcService, stop: asyncio.Event | None = None) -> None
             # With reuse on, several replicas on one host share the port and
             # the kernel spreads connections among them.
             ("grpc.so_reuseport", 1 if service.reuse_port else 0),
+            # Clients reconnect (and resolve the name again) every few
+            # minutes, so that replicas added since are called too.
+            ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", _MAX_CONNECTION_AGE_MS),
         ],
     )
     service.register(server)
@@ -129,7 +145,12 @@ async def serve(service: GrpcService, stop: asyncio.Event | None = None) -> None
     reflection.enable_server_reflection(
         (*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{service.host}:{service.port}")
+    address = f"{service.host}:{service.port}"
+    bound = (
+        server.add_secure_port(address, service.credentials)
+        if service.credentials is not None
+        else server.add_insecure_port(address)
+    )
     if bound == 0:
         raise SystemExit(f"{service.name}: cannot bind gRPC port {service.port}")
 
@@ -140,7 +161,14 @@ async def serve(service: GrpcService, stop: asyncio.Event | None = None) -> None
         start_http_server(service.metrics_port, addr=service.metrics_host)
 
     await server.start()
-    log.info("started", port=bound, metrics_port=service.metrics_port)
+    health_server = await _start_health_server(service, health_servicer)
+    log.info(
+        "started",
+        port=bound,
+        metrics_port=service.metrics_port,
+        health_port=service.health_port,
+        tls=service.credentials is not None,
+    )
 
     readiness = asyncio.create_task(_watch_readiness(service, health_servicer, stop))
     workers = [asyncio.create_task(_supervised(run)) for run in service.background]
@@ -150,12 +178,29 @@ async def serve(service: GrpcService, stop: asyncio.Event | None = None) -> None
     readiness.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(service.grace_seconds)
+    if health_server is not None:
+        await health_server.stop(0)
     for task in workers:
         task.cancel()
     for task in (readiness, *workers):
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
     log.info("stopped")
+
+
+async def _start_health_server(
+    service: GrpcService, health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server | None:
+    """The plaintext health-only port the kubelet probes, answering from the
+    same health servicer as the service's own port."""
+    if not service.health_port:
+        return None
+    health_server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    if health_server.add_insecure_port(f"{service.host}:{service.health_port}") == 0:
+        raise SystemExit(f"{service.name}: cannot bind health port {service.health_port}")
+    await health_server.start()
+    return health_server
 
 
 async def _supervised(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
