@@ -24,7 +24,7 @@ async def start(settings: BudgetSettings) -> AsyncIterator[GrpcService]:
         settings.database_url("budget"), settings.db_pool_min, settings.db_pool_max
     )
     try:
-        api = BudgetApi(pool, settings.reservation_ttl_seconds)
+        api = BudgetApi(pool, settings.reservation_ttl_seconds, settings.fx_rates)
 
         async def sweep() -> None:
             await handlers.sweep_expired_reservations(pool, settings.reservation_sweep_seconds)

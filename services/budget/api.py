@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
@@ -14,8 +15,17 @@ from moneta.budget.v1 import budget_pb2 as pb
 from moneta.budget.v1 import budget_pb2_grpc
 from moneta.common.v1.money_pb2 import Money
 from services.budget import handlers
-from services.budget.domain import BudgetStatus, Mode, PeriodType, PolicyBudget, Rollover
+from services.budget.domain import (
+    BudgetStatus,
+    Mode,
+    PeriodType,
+    PolicyBudget,
+    Rollover,
+    first_period,
+)
+from services.budget.store import ReservationRow
 from services.common.errors import InvalidArgument
+from services.common.fx_rates import DEFAULT_FX_RATES, configured_table, format_rate
 from services.common.grpc_util import actor_id, from_timestamp, timestamp
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BudgetService"].full_name
@@ -46,7 +56,7 @@ def budget_to_pb(row: asyncpg.Record) -> pb.Budget:
     )
 
 
-def reservation_to_pb(row: asyncpg.Record) -> pb.Reservation:
+def reservation_to_pb(row: ReservationRow) -> pb.Reservation:
     return pb.Reservation(
         reservation_id=str(row["reservation_id"]),
         user_id=str(row["user_id"]),
@@ -56,6 +66,20 @@ def reservation_to_pb(row: asyncpg.Record) -> pb.Reservation:
         status=row["status"],
         budget_ids=[str(b) for b in row["budget_ids"]],
         expires_at=timestamp(row["expires_at"]),
+        lines=[
+            pb.ReservationLine(
+                budget_id=str(budget_id),
+                amount=Money(amount=amount, currency=currency),
+                rate="" if rate is None else format_rate(rate),
+            )
+            for budget_id, amount, currency, rate in zip(
+                row["budget_ids"],
+                row["line_amounts"],
+                row["line_currencies"],
+                row["line_rates"],
+                strict=True,
+            )
+        ],
     )
 
 
@@ -112,17 +136,24 @@ def _enum(kind: type[E], value: int, field: str, default: E | None = None) -> E:
 
 
 class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, default_ttl_seconds: int) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, default_ttl_seconds: int, rates: str = DEFAULT_FX_RATES
+    ) -> None:
         self._pool = pool
         self._default_ttl = default_ttl_seconds
+        self._rates = configured_table(rates)
 
     async def CreateBudget(
         self, request: pb.CreateBudgetRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateBudgetResponse:
         b = request.budget
-        if not (b.HasField("start_date") and b.HasField("end_date")):
-            raise InvalidArgument("start_date and end_date are required", reason="INVALID_PERIOD")
         period_type = _enum(PeriodType, b.period_type, "period_type")
+        start, end = first_period(
+            period_type,
+            from_timestamp(b.start_date, "start_date") if b.HasField("start_date") else None,
+            from_timestamp(b.end_date, "end_date") if b.HasField("end_date") else None,
+            datetime.now(UTC),
+        )
         mode = _enum(Mode, b.mode, "mode", Mode.HARD)
         rollover = _enum(Rollover, b.rollover, "rollover", Rollover.RESET)
         values = {
@@ -133,13 +164,21 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
             "currency": b.currency,
             "total_amount": b.total_amount,
             "period_type": int(period_type),
-            "start_date": from_timestamp(b.start_date, "start_date"),
-            "end_date": from_timestamp(b.end_date, "end_date"),
+            "start_date": start,
+            "end_date": end,
             "mode": int(mode),
             "rollover": int(rollover),
             "thresholds": list(b.thresholds) or [80, 100],
         }
-        row = await handlers.create_budget(self._pool, values, actor_id(context))
+        row = await handlers.create_budget(
+            self._pool,
+            values,
+            actor_id(context),
+            request.idempotency_key,
+            # What was asked (dates left out stay left out): a retry on
+            # another day is still the same request.
+            hashlib.sha256(b.SerializeToString(deterministic=True)).hexdigest(),
+        )
         return pb.CreateBudgetResponse(budget=budget_to_pb(row))
 
     async def GetBudget(
@@ -196,6 +235,14 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
             policy=policy_to_pb(request.company_id, entries, updated_at)
         )
 
+    async def ApplyCompanyPolicy(
+        self, request: pb.ApplyCompanyPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyCompanyPolicyResponse:
+        created = await handlers.apply_company_policy(
+            self._pool, request.user_id, request.company_id, request.wallet_id
+        )
+        return pb.ApplyCompanyPolicyResponse(created=[budget_to_pb(row) for row in created])
+
     async def SetCompanyPolicy(
         self, request: pb.SetCompanyPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetCompanyPolicyResponse:
@@ -228,7 +275,7 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
             reference=request.reference,
             ttl_seconds=request.ttl_seconds,
         )
-        row = await handlers.reserve(self._pool, cmd, self._default_ttl)
+        row = await handlers.reserve(self._pool, cmd, self._default_ttl, self._rates)
         return pb.ReserveResponse(reservation=reservation_to_pb(row))
 
     async def Commit(

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from pydantic import field_validator
+
 from services.common.config import CommonSettings
+from services.common.fx_rates import DEFAULT_FX_RATES, parse_rate_table
 
 
 class BudgetSettings(CommonSettings):
@@ -12,3 +15,12 @@ class BudgetSettings(CommonSettings):
     reservation_sweep_seconds: float = 5.0
     # How often ended periods are closed and the next ones opened.
     period_sweep_seconds: float = 30.0
+    # Spend in another currency than a budget's is converted with this table,
+    # the wallet's rate source (the same MONETA_FX_RATES).
+    fx_rates: str = DEFAULT_FX_RATES
+
+    @field_validator("fx_rates")
+    @classmethod
+    def _fx_rates(cls, value: str) -> str:
+        parse_rate_table(value)
+        return value

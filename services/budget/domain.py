@@ -5,12 +5,14 @@ from __future__ import annotations
 import calendar
 import enum
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, Decimal
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.money import validate_currency
+from services.common.fx_rates import converted_amount, quoted_rate
+from services.common.money import INT64_MAX, validate_currency
 
 CATEGORIES = frozenset(
     {"ALL", "FLIGHT", "HOTEL", "CAR", "RAIL", "MEALS", "MERCHANT", "P2P", "OTHER"}
@@ -70,32 +72,62 @@ def validate_category(category: str) -> str:
     return category
 
 
+@dataclass(frozen=True)
+class ChargeLine:
+    """What a spend puts on one budget: ``amount`` in the budget's currency,
+    and the rate used from the spend's currency (None when the same)."""
+
+    budget_id: uuid.UUID
+    currency: str
+    amount: int
+    rate: Decimal | None = None
+
+
+def counted_amount(
+    amount: int, currency: str, budget_currency: str, rates: Mapping[str, Decimal]
+) -> tuple[int, Decimal | None]:
+    """A spend as a budget in ``budget_currency`` counts it, with the rate
+    used: the mid-market cross rate of the wallet's rate source, the amount
+    rounded UP to a whole minor unit so that no spend is ever under-counted."""
+    if budget_currency == currency:
+        return amount, None
+    try:
+        rate = quoted_rate(rates, currency, budget_currency, 0)
+    except InvalidArgument as exc:
+        raise FailedPrecondition(
+            f"no rate converts {currency} spend to a {budget_currency} budget",
+            reason="CURRENCY_CONVERSION_UNAVAILABLE",
+            details={"currency": currency, "budget_currency": budget_currency},
+        ) from exc
+    counted = converted_amount(amount, currency, budget_currency, rate, ROUND_CEILING)
+    if counted > INT64_MAX:
+        raise InvalidArgument(
+            "the converted amount is too large", reason="AMOUNT_TOO_LARGE",
+            details={"budget_currency": budget_currency},
+        )  # fmt: skip
+    return counted, rate
+
+
 def charge(
-    budgets: Sequence[BudgetState], amount: int, currency: str
-) -> list[tuple[uuid.UUID, int]]:
+    budgets: Sequence[BudgetState], amount: int, currency: str, rates: Mapping[str, Decimal]
+) -> list[ChargeLine]:
     """The lines a spend of ``amount`` puts on each applicable budget, or
     BUDGET_EXCEEDED when a hard one cannot take it. Every budget that applies
-    must allow the spend."""
-    lines: list[tuple[uuid.UUID, int]] = []
+    must allow the spend; a budget in another currency counts it converted."""
+    lines: list[ChargeLine] = []
     for budget in budgets:
-        if budget.currency != currency:
-            # Conversion with the wallet's rate source lands with the budget
-            # service proper; until then refuse rather than let spend through.
-            raise FailedPrecondition(
-                f"a {budget.currency} budget applies to this {currency} spend",
-                reason="CURRENCY_CONVERSION_UNAVAILABLE",
-                details={"budget_id": budget.budget_id},
-            )
-        if budget.mode == Mode.HARD and amount > budget.remaining:
+        counted, rate = counted_amount(amount, currency, budget.currency, rates)
+        if budget.mode == Mode.HARD and counted > budget.remaining:
             raise BudgetExceeded(
                 "the spend exceeds the budget",
                 details={
                     "budget_id": budget.budget_id,
                     "remaining_amount": max(budget.remaining, 0),
+                    "spend_amount": counted,
                     "currency": budget.currency,
                 },
             )
-        lines.append((budget.budget_id, amount))
+        lines.append(ChargeLine(budget.budget_id, budget.currency, counted, rate))
     return lines
 
 
@@ -225,6 +257,24 @@ def period_boundary(anchor: datetime, period_type: PeriodType, n: int) -> dateti
 
 def first_period_end(start: datetime, period_type: PeriodType) -> datetime:
     return period_boundary(start, period_type, 1)
+
+
+def first_period(
+    period_type: PeriodType, start: datetime | None, end: datetime | None, now: datetime
+) -> tuple[datetime, datetime]:
+    """A new budget's first period: from ``start`` (default: today, 00:00
+    UTC) to ``end`` (default: one period later; a ONE_TIME budget names its
+    end)."""
+    if start is None:
+        start = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if end is not None:
+        return start, end
+    if period_type == PeriodType.ONE_TIME:
+        raise InvalidArgument(
+            "a ONE_TIME budget needs an end_date", reason="INVALID_PERIOD",
+            details={"field": "end_date"},
+        )  # fmt: skip
+    return start, first_period_end(start, period_type)
 
 
 def next_period(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -53,9 +55,25 @@ class ReserveCommand:
     ttl_seconds: int
 
 
-async def create_budget(pool: asyncpg.Pool, values: dict[str, Any], actor: str) -> asyncpg.Record:
+async def create_budget(
+    pool: asyncpg.Pool,
+    values: dict[str, Any],
+    actor: str,
+    idempotency_key: str = "",
+    fingerprint: str = "",
+) -> asyncpg.Record:
+    """Creates a budget. With an idempotency key, once per caller and key:
+    a retry answers the budget the first call created, and the same key
+    with another request (another ``fingerprint``) is refused."""
     values = dict(values)
     values["budget_id"] = uuid.uuid4()
+    if idempotency_key:
+        if len(idempotency_key) > 200:
+            raise InvalidArgument(
+                "idempotency_key is at most 200 characters", reason="INVALID_IDEMPOTENCY_KEY"
+            )
+        values["budget_id"] = uuid.uuid5(_CREATE_NAMESPACE, f"{actor}\0{idempotency_key}")
+        values["create_fingerprint"] = fingerprint
     values["user_id"] = parse_uuid(values["user_id"], "user_id")
     for key in ("wallet_id", "company_id"):
         values[key] = parse_uuid(values[key], key) if values.get(key) else None
@@ -67,8 +85,27 @@ async def create_budget(pool: asyncpg.Pool, values: dict[str, Any], actor: str) 
     values["thresholds"] = list(validate_thresholds(values.get("thresholds") or []))
     if values["end_date"] <= values["start_date"]:
         raise InvalidArgument("end_date must be after start_date", reason="INVALID_PERIOD")
-    async with pool.acquire() as conn, conn.transaction():
-        return await store.insert_budget(conn, values, actor)
+    for attempt in (1, 2):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                if idempotency_key:
+                    prior = await store.fetch_budget(conn, values["budget_id"])
+                    if prior is not None:
+                        if prior["create_fingerprint"] != fingerprint:
+                            raise AlreadyExists(
+                                "this idempotency key was used for another budget",
+                                reason="IDEMPOTENCY_KEY_REUSED",
+                            )
+                        return prior
+                return await store.insert_budget(conn, values, actor)
+        except asyncpg.UniqueViolationError:
+            if attempt == 2 or not idempotency_key:
+                raise  # a concurrent twin won: the retry reads its budget
+    raise AssertionError("unreachable")
+
+
+# Budget ids of idempotent creates: uuid5 of the caller and the key.
+_CREATE_NAMESPACE = uuid.UUID("6d0f3c52-8a4e-4f7b-9a51-2f0c1b7e5d11")
 
 
 async def update_budget(
@@ -171,8 +208,14 @@ async def list_budgets(
     return _page(rows, limit, "budget_id")
 
 
-async def reserve(pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int) -> asyncpg.Record:
-    """Reserves the spend on every applicable budget, once per reference."""
+async def reserve(
+    pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int, rates: Mapping[str, Decimal]
+) -> store.ReservationRow:
+    """Reserves the spend on every applicable budget, once per reference.
+
+    Built for a hot budget: the common case is one statement, so the
+    budget's row lock is held for no client round trip; the rest (another
+    currency, a refusal, an alert to announce) takes the full path."""
     user_id = parse_uuid(cmd.user_id, "user_id")
     require_positive(cmd.amount)
     validate_currency(cmd.currency)
@@ -183,71 +226,66 @@ async def reserve(pool: asyncpg.Pool, cmd: ReserveCommand, default_ttl: int) -> 
     if not 0 < ttl <= MAX_TTL_SECONDS:
         raise InvalidArgument("ttl must be 1 second to 24 hours", reason="INVALID_TTL")
 
-    for attempt in (1, 2):
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                prior = await store.fetch_reservation(conn, reference=cmd.reference)
-                if prior is not None:
-                    return _same_reservation(prior, user_id, cmd)
-                now = datetime.now(UTC)
-                rows = await store.lock_applicable_budget_rows(conn, user_id, cmd.category, now)
-                # A concurrent call with the same reference may have reserved
-                # while this one waited for the budget locks: answer with its
-                # reservation rather than charge the budget twice.
-                prior = await store.fetch_reservation(conn, reference=cmd.reference)
-                if prior is not None:
-                    return _same_reservation(prior, user_id, cmd)
-                try:
-                    lines = charge([store.budget_state(r) for r in rows], cmd.amount, cmd.currency)
-                except BudgetExceeded as refused:
-                    refused_row = next(
-                        r for r in rows if str(r["budget_id"]) == refused.details["budget_id"]
-                    )
-                    refusal: tuple[asyncpg.Record, BudgetExceeded] | None = (refused_row, refused)
-                else:
-                    refusal = None
-                if refusal is not None:
-                    break  # announced below, after this transaction rolled back
-                reservation_id = uuid.uuid4()
-                await store.insert_reservation(
-                    conn,
-                    reservation_id=reservation_id,
-                    reference=cmd.reference,
-                    user_id=user_id,
-                    amount=cmd.amount,
-                    currency=cmd.currency,
-                    category=cmd.category,
-                    expires_at=now + timedelta(seconds=ttl),
-                    lines=lines,
+    async with pool.acquire() as conn:
+        now = datetime.now(UTC)
+        new = store.NewReservation(
+            reservation_id=uuid.uuid4(),
+            reference=cmd.reference,
+            user_id=user_id,
+            amount=cmd.amount,
+            currency=cmd.currency,
+            category=cmd.category,
+            expires_at=now + timedelta(seconds=ttl),
+        )
+        outcome, reserved = await store.reserve_if_plain(conn, new, now)
+        if reserved is not None:
+            return reserved
+        if outcome == store.ReserveOutcome.REFERENCE_EXISTS:
+            prior = await store.fetch_reservation(conn, reference=cmd.reference)
+            assert prior is not None
+            return _same_reservation(prior, user_id, cmd)
+        # The full path: conversion, refusals and alerts, decided in the domain.
+        async with conn.transaction():
+            rows = await store.lock_applicable_budget_rows(conn, user_id, cmd.category, now)
+            try:
+                lines = charge(
+                    [store.budget_state(r) for r in rows], cmd.amount, cmd.currency, rates
                 )
-                for budget in rows:
+            except BudgetExceeded as refused:
+                # A retry of a reservation that took the room itself is no refusal.
+                prior = await store.fetch_reservation(conn, reference=cmd.reference)
+                if prior is not None:
+                    return _same_reservation(prior, user_id, cmd)
+                refusal = (next(r for r in rows if str(r["budget_id"]) == refused.details["budget_id"]),
+                           refused)  # fmt: skip
+            else:
+                row = await store.insert_reservation(conn, new, lines)
+                if row is None:  # reserved already, by a retry or a concurrent twin
+                    prior = await store.fetch_reservation(conn, reference=cmd.reference)
+                    assert prior is not None
+                    return _same_reservation(prior, user_id, cmd)
+                for budget, line in zip(rows, lines, strict=True):
                     held = budget["used_amount"] + budget["reserved_amount"]
                     total = budget["total_amount"]
                     await _announce(
-                        conn, budget, (held, total), (held + cmd.amount, total), cmd.reference
+                        conn, budget, (held, total), (held + line.amount, total), cmd.reference
                     )
-                row = await store.fetch_reservation(conn, reservation_id=reservation_id)
-                assert row is not None
                 return row
-        except asyncpg.UniqueViolationError:
-            # A concurrent call with the same reference won; read its result.
-            if attempt == 2:
-                raise
-    else:
-        raise AssertionError("unreachable")
-    await _announce_refusal(pool, refusal[0], cmd, refusal[1])
+        # The refused transaction wrote nothing; the refusal is announced in its own.
+        await _announce_refusal(conn, *refusal, cmd.reference)
     raise refusal[1]
 
 
 async def _announce_refusal(
-    pool: asyncpg.Pool, budget: asyncpg.Record, cmd: ReserveCommand, refused: BudgetExceeded
+    conn: DbConn, budget: asyncpg.Record, refused: BudgetExceeded, reference: str
 ) -> None:
     """A hard budget refused a spend: BudgetExceeded, in its own transaction
     (the refused one wrote nothing). Once per reference and budget: a
     retried refusal is the same event."""
-    attempted = budget["used_amount"] + budget["reserved_amount"] + cmd.amount
-    event_id = uuid.uuid5(budget["budget_id"], f"exceeded:{cmd.reference}")
-    async with pool.acquire() as conn, conn.transaction():
+    spend = int(refused.details["spend_amount"])
+    attempted = budget["used_amount"] + budget["reserved_amount"] + spend
+    event_id = uuid.uuid5(budget["budget_id"], f"exceeded:{reference}")
+    async with conn.transaction():
         await _add_exceeded_event(conn, budget, attempted, event_id)
 
 
@@ -327,8 +365,8 @@ async def _add_threshold_event(
 
 
 def _same_reservation(
-    prior: asyncpg.Record, user_id: uuid.UUID, cmd: ReserveCommand
-) -> asyncpg.Record:
+    prior: store.ReservationRow, user_id: uuid.UUID, cmd: ReserveCommand
+) -> store.ReservationRow:
     if (prior["user_id"], prior["amount"], prior["currency"], prior["category"]) != (
         user_id,
         cmd.amount,
@@ -341,36 +379,30 @@ def _same_reservation(
     return prior
 
 
-async def commit(pool: asyncpg.Pool, reservation_id: str) -> asyncpg.Record:
+async def commit(pool: asyncpg.Pool, reservation_id: str) -> store.ReservationRow:
     return await _settle(pool, reservation_id, ReservationStatus.COMMITTED)
 
 
-async def release(pool: asyncpg.Pool, reservation_id: str) -> asyncpg.Record:
+async def release(pool: asyncpg.Pool, reservation_id: str) -> store.ReservationRow:
     return await _settle(pool, reservation_id, ReservationStatus.RELEASED)
 
 
-async def _settle(pool: asyncpg.Pool, raw_id: str, to: ReservationStatus) -> asyncpg.Record:
+async def _settle(pool: asyncpg.Pool, raw_id: str, to: ReservationStatus) -> store.ReservationRow:
+    """Commit or release, once: a retry answers the same; a reservation
+    settled otherwise (or expired) is refused with its status as the reason."""
     rid = parse_uuid(raw_id, "reservation_id")
-    async with pool.acquire() as conn, conn.transaction():
-        row = await store.fetch_reservation(conn, reservation_id=rid, lock=True)
-        if row is None:
-            raise NotFound("no such reservation", reason="RESERVATION_NOT_FOUND")
-        status = ReservationStatus(row["status"])
-        if status == to:
-            return row  # a retry: already done
-        if status == ReservationStatus.RESERVED and row["expires_at"] <= datetime.now(UTC):
-            await store.settle_reservation(conn, rid, ReservationStatus.EXPIRED)
-            status = ReservationStatus.EXPIRED
-        elif status == ReservationStatus.RESERVED:
-            await store.settle_reservation(conn, rid, to)
-            after = await store.fetch_reservation(conn, reservation_id=rid)
-            assert after is not None
-            return after
-    raise FailedPrecondition(
-        f"the reservation is {status.name.lower()}",
-        reason=f"RESERVATION_{status.name}",
-        details={"reservation_id": rid},
-    )
+    async with pool.acquire() as conn:
+        prior, row = await store.settle_reservation(conn, rid, to, datetime.now(UTC))
+    if prior is None or row is None:
+        raise NotFound("no such reservation", reason="RESERVATION_NOT_FOUND")
+    status = ReservationStatus(row["status"])
+    if status != to:
+        raise FailedPrecondition(
+            f"the reservation is {status.name.lower()}",
+            reason=f"RESERVATION_{status.name}",
+            details={"reservation_id": rid},
+        )
+    return row
 
 
 async def refund(
@@ -421,14 +453,18 @@ async def refund(
 
 
 async def expire_reservations(pool: asyncpg.Pool) -> int:
-    """Releases reservations whose ttl has passed; returns how many."""
-    async with pool.acquire() as conn, conn.transaction():
-        ids = await store.expired_reservation_ids(conn)
-        for rid in ids:
-            await store.settle_reservation(conn, rid, ReservationStatus.EXPIRED)
-    if ids:
-        log.info("reservations_expired", count=len(ids))
-    return len(ids)
+    """Releases reservations whose ttl has passed; returns how many. Each is
+    settled in its own statement (a Commit racing it is simply first or not)."""
+    expired = 0
+    async with pool.acquire() as conn:
+        for rid in await store.expired_reservation_ids(conn):
+            prior, _ = await store.settle_reservation(
+                conn, rid, ReservationStatus.EXPIRED, datetime.now(UTC)
+            )
+            expired += prior == ReservationStatus.RESERVED
+    if expired:
+        log.info("reservations_expired", count=expired)
+    return expired
 
 
 async def sweep_expired_reservations(pool: asyncpg.Pool, every_seconds: float) -> None:

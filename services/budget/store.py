@@ -2,24 +2,67 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 
-from services.budget.domain import BudgetState, Mode, ReservationStatus
+from services.budget.domain import BudgetState, ChargeLine, Mode, ReservationStatus
 from services.common.db import DbConn
+
+# A reservation as read from the database, or as the fast path built it.
+ReservationRow: TypeAlias = asyncpg.Record | dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class NewReservation:
+    reservation_id: uuid.UUID
+    reference: str
+    user_id: uuid.UUID
+    amount: int
+    currency: str
+    category: str
+    expires_at: datetime
+
+    def values(self) -> tuple[object, ...]:
+        """In the order of the reservation's columns in the SQL below."""
+        return dataclasses.astuple(self)
+
+
+class ReserveOutcome(enum.IntEnum):
+    """What ``reserve_if_plain`` did."""
+
+    FULL_PATH_NEEDED = 0
+    RESERVED = 1
+    REFERENCE_EXISTS = 2
+
 
 _BUDGET_COLUMNS = """
     budget_id, user_id, wallet_id, company_id, category, currency, total_amount, used_amount,
     reserved_amount, period_type, start_date, end_date, mode, rollover, thresholds, status,
-    created_by, created_at, updated_at, period_anchor, previous_budget_id, carried_over, policy_key
+    created_by, created_at, updated_at, period_anchor, previous_budget_id, carried_over, policy_key,
+    create_fingerprint
 """
 _RESERVATION_COLUMNS = """
     r.reservation_id, r.reference, r.user_id, r.amount, r.currency, r.category, r.status,
-    r.expires_at, coalesce(array_agg(l.budget_id) FILTER (WHERE l.budget_id IS NOT NULL), '{}')
-    AS budget_ids
+    r.expires_at,
+    coalesce(array_agg(l.budget_id ORDER BY l.budget_id) FILTER (WHERE l.budget_id IS NOT NULL),
+             '{}') AS budget_ids,
+    coalesce(array_agg(l.amount ORDER BY l.budget_id) FILTER (WHERE l.budget_id IS NOT NULL),
+             '{}') AS line_amounts,
+    coalesce(array_agg(b.currency ORDER BY l.budget_id) FILTER (WHERE l.budget_id IS NOT NULL),
+             '{}') AS line_currencies,
+    coalesce(array_agg(l.rate ORDER BY l.budget_id) FILTER (WHERE l.budget_id IS NOT NULL),
+             '{}') AS line_rates
+"""
+_RESERVATION_FROM = """
+    reservations r
+    LEFT JOIN reservation_lines l ON l.reservation_id = r.reservation_id
+    LEFT JOIN budgets b ON b.budget_id = l.budget_id
 """
 
 
@@ -40,9 +83,9 @@ async def insert_budget(conn: DbConn, values: dict[str, Any], actor: str) -> asy
         INSERT INTO budgets (budget_id, user_id, wallet_id, company_id, category, currency,
                              total_amount, period_type, start_date, end_date, mode, rollover,
                              thresholds, created_by, period_anchor, previous_budget_id,
-                             carried_over, policy_key, status)
+                             carried_over, policy_key, status, create_fingerprint)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                coalesce($15::timestamptz, $9::timestamptz), $16, $17, $18, $19)
+                coalesce($15::timestamptz, $9::timestamptz), $16, $17, $18, $19, $20)
         RETURNING {_BUDGET_COLUMNS}
         """,
         values["budget_id"],
@@ -64,6 +107,7 @@ async def insert_budget(conn: DbConn, values: dict[str, Any], actor: str) -> asy
         values.get("carried_over", 0),
         values.get("policy_key"),
         values.get("status", 1),
+        values.get("create_fingerprint"),
     )
     assert row is not None
     await insert_history(
@@ -288,8 +332,7 @@ async def fetch_reservation(
         await conn.execute(f"SELECT 1 FROM reservations r WHERE {where} FOR UPDATE", key)
     return await conn.fetchrow(
         f"""
-        SELECT {_RESERVATION_COLUMNS} FROM reservations r
-          LEFT JOIN reservation_lines l ON l.reservation_id = r.reservation_id
+        SELECT {_RESERVATION_COLUMNS} FROM {_RESERVATION_FROM}
          WHERE {where} GROUP BY r.reservation_id
         """,
         key,
@@ -297,79 +340,93 @@ async def fetch_reservation(
 
 
 async def insert_reservation(
-    conn: DbConn,
-    *,
-    reservation_id: uuid.UUID,
-    reference: str,
-    user_id: uuid.UUID,
-    amount: int,
-    currency: str,
-    category: str,
-    expires_at: datetime,
-    lines: list[tuple[uuid.UUID, int]],
-) -> None:
-    await conn.execute(
+    conn: DbConn, new: NewReservation, lines: Sequence[ChargeLine]
+) -> ReservationRow | None:
+    """Records the reservation, its lines and the budgets' reserved amounts
+    in one statement; returns it as ``fetch_reservation`` would, or None when
+    the reference was reserved already (nothing written)."""
+    return await conn.fetchrow(
         """
-        INSERT INTO reservations (reservation_id, reference, user_id, amount, currency, category,
-                                  status, expires_at)
-        VALUES ($1, $2, $3, $4, $5, $6, 1, $7)
+        WITH r AS (
+            INSERT INTO reservations (reservation_id, reference, user_id, amount, currency,
+                                      category, status, expires_at)
+            VALUES ($1, $2, $3, $4, $5, $6, 1, $7)
+            ON CONFLICT (reference) DO NOTHING
+            RETURNING reservation_id, reference, user_id, amount, currency, category, status,
+                      expires_at
+        ), l AS (
+            INSERT INTO reservation_lines (reservation_id, budget_id, amount, rate)
+            SELECT r.reservation_id, u.b, u.a, u.rate
+              FROM r, unnest($8::uuid[], $9::bigint[], $11::numeric[]) AS u(b, a, rate)
+            RETURNING budget_id, amount
+        ), b AS (
+            UPDATE budgets SET reserved_amount = reserved_amount + l.amount, updated_at = now()
+              FROM l WHERE budgets.budget_id = l.budget_id
+            RETURNING 1
+        )
+        SELECT r.*, $8::uuid[] AS budget_ids, $9::bigint[] AS line_amounts,
+               $10::text[] AS line_currencies, $11::numeric[] AS line_rates
+          FROM r
         """,
-        reservation_id,
-        reference,
-        user_id,
-        amount,
-        currency,
-        category,
-        expires_at,
+        *new.values(),
+        [line.budget_id for line in lines],
+        [line.amount for line in lines],
+        [line.currency for line in lines],
+        [line.rate for line in lines],
     )
-    if lines:
-        await conn.execute(
-            "INSERT INTO reservation_lines (reservation_id, budget_id, amount)"
-            " SELECT $1, b, a FROM unnest($2::uuid[], $3::bigint[]) AS u(b, a)",
-            reservation_id,
-            [b for b, _ in lines],
-            [a for _, a in lines],
-        )
-        await conn.execute(
-            """
-            UPDATE budgets SET reserved_amount = reserved_amount + u.a, updated_at = now()
-              FROM unnest($1::uuid[], $2::bigint[]) AS u(b, a) WHERE budget_id = u.b
-            """,
-            [b for b, _ in lines],
-            [a for _, a in lines],
-        )
+
+
+async def reserve_if_plain(
+    conn: DbConn, new: NewReservation, now: datetime
+) -> tuple[ReserveOutcome, ReservationRow | None]:
+    """Reserve's fast path in one statement (the SQL function's comment says
+    when it applies); on RESERVED, the reservation as ``fetch_reservation``
+    would return it."""
+    row = await conn.fetchrow(
+        "SELECT outcome, budget_ids FROM reserve_if_plain($1, $2, $3, $4, $5, $6, $7, $8)",
+        *new.values(),
+        now,
+    )
+    assert row is not None
+    outcome = ReserveOutcome(row["outcome"])
+    if outcome != ReserveOutcome.RESERVED:
+        return outcome, None
+    budget_ids = sorted(row["budget_ids"])
+    return outcome, {
+        **dataclasses.asdict(new),
+        "status": int(ReservationStatus.RESERVED),
+        "budget_ids": budget_ids,
+        "line_amounts": [new.amount] * len(budget_ids),
+        "line_currencies": [new.currency] * len(budget_ids),
+        "line_rates": [None] * len(budget_ids),
+    }
 
 
 async def settle_reservation(
-    conn: DbConn, reservation_id: uuid.UUID, to: ReservationStatus
-) -> None:
-    """Moves a RESERVED reservation to COMMITTED (reserved → used) or to
-    RELEASED/EXPIRED (reserved freed). The caller holds its row lock."""
-    used = "used_amount + l.amount" if to == ReservationStatus.COMMITTED else "used_amount"
-    # Budgets are locked in id order, as Reserve locks them: no deadlocks.
-    await conn.execute(
-        """
-        SELECT 1 FROM budgets WHERE budget_id IN
-               (SELECT budget_id FROM reservation_lines WHERE reservation_id = $1)
-         ORDER BY budget_id FOR UPDATE
-        """,
-        reservation_id,
-    )
-    await conn.execute(
+    conn: DbConn, reservation_id: uuid.UUID, to: ReservationStatus, now: datetime
+) -> tuple[ReservationStatus | None, ReservationRow | None]:
+    """Moves a RESERVED reservation to ``to`` (COMMITTED: reserved → used;
+    RELEASED or EXPIRED: reserved freed), or to EXPIRED when its ttl has
+    passed, in one statement. Returns the status it had (None: no such
+    reservation; any other than RESERVED means nothing changed) and the
+    reservation as it is now."""
+    row = await conn.fetchrow(
         f"""
-        UPDATE budgets b SET reserved_amount = b.reserved_amount - l.amount,
-                             used_amount = {used}, updated_at = now()
-          FROM (SELECT budget_id, amount FROM reservation_lines
-                 WHERE reservation_id = $1 ORDER BY budget_id) l
-         WHERE b.budget_id = l.budget_id
+        SELECT s.prior, s.settled, q.* FROM settle_reservation($1, $2, $3) s
+          LEFT JOIN LATERAL (
+              SELECT {_RESERVATION_COLUMNS} FROM {_RESERVATION_FROM}
+               WHERE r.reservation_id = $1 GROUP BY r.reservation_id) q ON true
         """,
-        reservation_id,
-    )
-    await conn.execute(
-        "UPDATE reservations SET status = $2, updated_at = now() WHERE reservation_id = $1",
         reservation_id,
         int(to),
+        now,
     )
+    if row is None or row["prior"] is None:
+        return None, None
+    # The statement read the reservation as it was before the function
+    # settled it: only its status changed.
+    reservation = {k: v for k, v in row.items() if k not in ("prior", "settled")}
+    return ReservationStatus(row["prior"]), {**reservation, "status": row["settled"]}
 
 
 async def expired_reservation_ids(conn: DbConn, limit: int = 500) -> list[uuid.UUID]:
@@ -377,7 +434,7 @@ async def expired_reservation_ids(conn: DbConn, limit: int = 500) -> list[uuid.U
         """
         SELECT reservation_id FROM reservations
          WHERE status = 1 AND expires_at <= now()
-         ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
+         ORDER BY expires_at LIMIT $1
         """,
         limit,
     )
@@ -397,11 +454,26 @@ async def refund_reservation(
         """,
         reservation_id,
     )
+    # Each line gives back its share of the refunds so far (in its budget's
+    # currency), rounded down, less what it gave back before: over all
+    # refunds a line never returns more than it charged, and a full refund
+    # returns exactly that.
     await conn.execute(
         """
-        UPDATE budgets b SET used_amount = greatest(b.used_amount - $2, 0), updated_at = now()
-          FROM reservation_lines l
-         WHERE l.reservation_id = $1 AND b.budget_id = l.budget_id
+        WITH share AS (
+            SELECT l.budget_id,
+                   floor(l.amount::numeric * (r.refunded + $2) / r.amount)::bigint - l.refunded
+                   AS delta
+              FROM reservation_lines l JOIN reservations r USING (reservation_id)
+             WHERE l.reservation_id = $1
+        ), line AS (
+            UPDATE reservation_lines l SET refunded = l.refunded + share.delta
+              FROM share WHERE l.reservation_id = $1 AND l.budget_id = share.budget_id
+            RETURNING l.budget_id, share.delta
+        )
+        UPDATE budgets b SET used_amount = greatest(b.used_amount - line.delta, 0),
+                             updated_at = now()
+          FROM line WHERE b.budget_id = line.budget_id
         """,
         reservation_id,
         amount,

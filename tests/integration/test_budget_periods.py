@@ -27,6 +27,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests import conftest
 from tests.integration.test_budget_reservations import (
     DEFAULT_TTL,
+    RATES,
     backdate_expiry,
     budget_values,
     reserve_command,
@@ -52,7 +53,7 @@ async def create(pool: asyncpg.Pool, user_id: str, **overrides: Any) -> asyncpg.
 
 
 async def reserve(pool: asyncpg.Pool, user_id: str, amount: int, **kw: Any) -> str:
-    row = await handlers.reserve(pool, reserve_command(user_id, amount, **kw), DEFAULT_TTL)
+    row = await handlers.reserve(pool, reserve_command(user_id, amount, **kw), DEFAULT_TTL, RATES)
     return str(row["reservation_id"])
 
 
@@ -117,7 +118,7 @@ async def test_suspended_budget_no_longer_applies_to_spend(
         actor="m",
     )
 
-    row = await handlers.reserve(budget_pool, reserve_command(user_id, 5_000), DEFAULT_TTL)
+    row = await handlers.reserve(budget_pool, reserve_command(user_id, 5_000), DEFAULT_TTL, RATES)
 
     assert list(row["budget_ids"]) == []
 

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.budget import handlers
+from services.budget import handlers, store
 from services.budget.domain import BudgetExceeded, Mode, ReservationStatus
 from services.common.errors import (
     AlreadyExists,
@@ -22,9 +22,11 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from services.common.fx_rates import DEFAULT_FX_RATES, parse_rate_table
 from tests import conftest
 
 DEFAULT_TTL = 900
+RATES = parse_rate_table(DEFAULT_FX_RATES)
 MONTHLY = 2
 RESET = 1
 
@@ -87,7 +89,7 @@ def reserve_command(
 
 
 async def reserve(pool: asyncpg.Pool, user_id: str, amount: int = 1_000, **kw: Any) -> str:
-    row = await handlers.reserve(pool, reserve_command(user_id, amount, **kw), DEFAULT_TTL)
+    row = await handlers.reserve(pool, reserve_command(user_id, amount, **kw), DEFAULT_TTL, RATES)
     return str(row["reservation_id"])
 
 
@@ -253,7 +255,7 @@ async def test_reserve_returns_a_reserved_reservation_naming_its_budgets(
 ) -> None:
     budget_id = await create_budget(budget_pool, user_id)
 
-    row = await handlers.reserve(budget_pool, reserve_command(user_id, 2_500), DEFAULT_TTL)
+    row = await handlers.reserve(budget_pool, reserve_command(user_id, 2_500), DEFAULT_TTL, RATES)
 
     assert ReservationStatus(row["status"]) == ReservationStatus.RESERVED
     assert list(row["budget_ids"]) == [budget_id]
@@ -348,7 +350,10 @@ async def test_same_reference_replayed_after_commit_returns_the_committed_reserv
     await handlers.commit(budget_pool, reservation_id)
 
     replay = await handlers.reserve(
-        budget_pool, reserve_command(user_id, 2_500, reference=f"trip-{user_id}"), DEFAULT_TTL
+        budget_pool,
+        reserve_command(user_id, 2_500, reference=f"trip-{user_id}"),
+        DEFAULT_TTL,
+        RATES,
     )
 
     assert ReservationStatus(replay["status"]) == ReservationStatus.COMMITTED
@@ -531,7 +536,7 @@ async def test_ttl_over_a_day_is_invalid_ttl(budget_pool: asyncpg.Pool, user_id:
 async def test_spend_with_no_applicable_budget_is_reserved_with_no_budget_lines(
     budget_pool: asyncpg.Pool, user_id: str
 ) -> None:
-    row = await handlers.reserve(budget_pool, reserve_command(user_id, 2_500), DEFAULT_TTL)
+    row = await handlers.reserve(budget_pool, reserve_command(user_id, 2_500), DEFAULT_TTL, RATES)
 
     lines = await budget_pool.fetchval(
         "SELECT count(*) FROM reservation_lines WHERE reservation_id = $1", row["reservation_id"]
@@ -558,7 +563,7 @@ async def test_flight_budget_does_not_apply_to_hotel_spend(
     budget_id = await create_budget(budget_pool, user_id, category="FLIGHT")
 
     row = await handlers.reserve(
-        budget_pool, reserve_command(user_id, 2_500, category="HOTEL"), DEFAULT_TTL
+        budget_pool, reserve_command(user_id, 2_500, category="HOTEL"), DEFAULT_TTL, RATES
     )
 
     assert list(row["budget_ids"]) == []
@@ -572,7 +577,7 @@ async def test_spend_is_held_on_both_its_category_budget_and_the_all_budget(
     flights = await create_budget(budget_pool, user_id, category="FLIGHT")
 
     row = await handlers.reserve(
-        budget_pool, reserve_command(user_id, 2_500, category="FLIGHT"), DEFAULT_TTL
+        budget_pool, reserve_command(user_id, 2_500, category="FLIGHT"), DEFAULT_TTL, RATES
     )
 
     assert sorted(row["budget_ids"]) == sorted([overall, flights])
@@ -652,15 +657,56 @@ async def test_soft_budget_lets_a_spend_above_remaining_through(
     assert await held(budget_pool, budget_id) == (0, 2_500)
 
 
-async def test_budget_in_another_currency_is_currency_conversion_unavailable(
+async def test_spend_in_another_currency_is_held_converted_with_the_rate_recorded(
     budget_pool: asyncpg.Pool, user_id: str
 ) -> None:
-    await create_budget(budget_pool, user_id, currency="EUR")
+    budget_id = await create_budget(budget_pool, user_id, currency="EUR")
+
+    row = await handlers.reserve(
+        budget_pool, reserve_command(user_id, 2_500, currency="USD"), DEFAULT_TTL, RATES
+    )
+
+    assert (row["amount"], row["currency"]) == (2_500, "USD")  # the spend, as made
+    assert list(row["line_amounts"]) == [2_300]  # EUR 23.00 at 0.92
+    assert [str(r) for r in row["line_rates"]] == ["0.92"]
+    assert await held(budget_pool, budget_id) == (0, 2_300)
+    async with budget_pool.acquire() as conn:
+        stored = await store.fetch_reservation(conn, reservation_id=row["reservation_id"])
+    assert stored is not None
+    assert [str(r) for r in stored["line_rates"]] == ["0.92"]
+
+
+async def test_refunds_of_a_converted_spend_give_back_exactly_what_it_counted(
+    budget_pool: asyncpg.Pool, user_id: str
+) -> None:
+    budget_id = await create_budget(budget_pool, user_id, currency="USD")
+    row = await handlers.reserve(
+        budget_pool, reserve_command(user_id, 1_000, currency="JPY"), DEFAULT_TTL, RATES
+    )
+    rid = str(row["reservation_id"])
+    await handlers.commit(budget_pool, rid)
+    assert await held(budget_pool, budget_id) == (662, 0)  # JPY 1000 counts USD 6.62
+
+    await handlers.refund(budget_pool, rid, 333, "JPY", f"refund-1-{rid}")
+    partly = await held(budget_pool, budget_id)
+    await handlers.refund(budget_pool, rid, 667, "JPY", f"refund-2-{rid}")
+
+    assert partly == (662 - 220, 0)  # floor(662 * 333 / 1000)
+    assert await held(budget_pool, budget_id) == (0, 0)
+
+
+async def test_a_currency_the_rate_source_lacks_is_refused_and_writes_nothing(
+    budget_pool: asyncpg.Pool, user_id: str
+) -> None:
+    budget_id = await create_budget(budget_pool, user_id, currency="EUR")
 
     with pytest.raises(FailedPrecondition) as caught:
-        await reserve(budget_pool, user_id, 2_500, currency="USD")
+        await reserve(budget_pool, user_id, 2_500, currency="SEK")
 
     assert caught.value.reason == "CURRENCY_CONVERSION_UNAVAILABLE"
+    assert await held(budget_pool, budget_id) == (0, 0)
+    assert await budget_pool.fetchval("SELECT count(*) FROM reservations WHERE user_id = $1",
+                                      uuid.UUID(user_id)) == 0  # fmt: skip
 
 
 # ---------------------------------------------------------------- concurrency and the last line
@@ -668,7 +714,7 @@ async def test_budget_in_another_currency_is_currency_conversion_unavailable(
 
 async def _reserve_outcome(pool: asyncpg.Pool, cmd: handlers.ReserveCommand) -> str:
     try:
-        await handlers.reserve(pool, cmd, DEFAULT_TTL)
+        await handlers.reserve(pool, cmd, DEFAULT_TTL, RATES)
     except BudgetExceeded as exc:
         return exc.reason
     return "RESERVED"
@@ -721,7 +767,7 @@ async def test_concurrent_reserves_of_one_reference_make_one_reservation(
     cmd = reserve_command(user_id, 1_000, reference=f"trip-{user_id}")
 
     rows = await asyncio.gather(
-        *(handlers.reserve(budget_pool, cmd, DEFAULT_TTL) for _ in range(20))
+        *(handlers.reserve(budget_pool, cmd, DEFAULT_TTL, RATES) for _ in range(20))
     )
 
     assert len({r["reservation_id"] for r in rows}) == 1
@@ -753,7 +799,8 @@ async def test_retry_racing_its_original_returns_the_original_even_when_the_budg
         await tx.start()
         await blocker.execute("SELECT 1 FROM budgets WHERE budget_id = $1 FOR UPDATE", budget_id)
         calls = [
-            asyncio.create_task(handlers.reserve(budget_pool, cmd, DEFAULT_TTL)) for _ in range(2)
+            asyncio.create_task(handlers.reserve(budget_pool, cmd, DEFAULT_TTL, RATES))
+            for _ in range(2)
         ]
         try:
             async with asyncio.timeout(10):
@@ -799,7 +846,7 @@ async def test_a_negative_ttl_is_refused_and_nothing_is_reserved(
     cmd = reserve_command(user_id, ttl_seconds=-1)
 
     with pytest.raises(InvalidArgument) as raised:
-        await handlers.reserve(budget_pool, cmd, DEFAULT_TTL)
+        await handlers.reserve(budget_pool, cmd, DEFAULT_TTL, RATES)
 
     assert raised.value.reason == "INVALID_TTL"
     async with budget_pool.acquire() as conn:
@@ -861,3 +908,77 @@ async def test_a_timestamp_beyond_year_9999_is_refused_over_grpc(budget_pool: as
         "INVALID_TIMESTAMP",
         {"field": "end_date"},
     )
+
+
+# ---------------------------------------------------------------- idempotent creates
+
+
+def _create_request(user_id: str, total: int, key: str) -> Any:
+    from moneta.budget.v1 import budget_pb2
+
+    budget = budget_pb2.Budget(
+        user_id=user_id, category="ALL", currency="USD", total_amount=total,
+        period_type=budget_pb2.PERIOD_TYPE_MONTHLY,
+    )  # fmt: skip
+    return budget_pb2.CreateBudgetRequest(budget=budget, idempotency_key=key)
+
+
+class _Caller:
+    """The servicer's view of who calls (the gateway's x-actor-id)."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("x-actor-id", "manager-1"),)
+
+
+CALLER: Any = _Caller()
+
+
+async def _budgets_of(pool: asyncpg.Pool, user_id: str) -> int:
+    return int(
+        await pool.fetchval("SELECT count(*) FROM budgets WHERE user_id = $1", uuid.UUID(user_id))
+    )
+
+
+async def test_a_retried_create_with_its_key_answers_the_same_budget(
+    budget_pool: asyncpg.Pool, user_id: str
+) -> None:
+    from services.budget.api import BudgetApi
+
+    api = BudgetApi(budget_pool, 60)
+    first = await api.CreateBudget(_create_request(user_id, 5_000, "k-1"), context=CALLER)
+    again = await api.CreateBudget(_create_request(user_id, 5_000, "k-1"), context=CALLER)
+
+    assert again.budget == first.budget
+    assert await _budgets_of(budget_pool, user_id) == 1
+
+
+async def test_concurrent_creates_with_one_key_make_one_budget(
+    budget_pool: asyncpg.Pool, user_id: str
+) -> None:
+    from services.budget.api import BudgetApi
+
+    api = BudgetApi(budget_pool, 60)
+    answers = await asyncio.gather(
+        *(
+            api.CreateBudget(_create_request(user_id, 5_000, "k-2"), context=CALLER)
+            for _ in range(8)
+        )
+    )
+
+    assert len({a.budget.budget_id for a in answers}) == 1
+    assert await _budgets_of(budget_pool, user_id) == 1
+
+
+async def test_a_key_reused_for_another_budget_is_refused_and_writes_nothing(
+    budget_pool: asyncpg.Pool, user_id: str
+) -> None:
+    from services.budget.api import BudgetApi
+
+    api = BudgetApi(budget_pool, 60)
+    await api.CreateBudget(_create_request(user_id, 5_000, "k-3"), context=CALLER)
+
+    with pytest.raises(AlreadyExists) as raised:
+        await api.CreateBudget(_create_request(user_id, 9_000, "k-3"), context=CALLER)
+
+    assert raised.value.reason == "IDEMPOTENCY_KEY_REUSED"
+    assert await _budgets_of(budget_pool, user_id) == 1

@@ -21,6 +21,7 @@ from services.budget.domain import (
     alerts_due,
     decide_update,
     default_budgets,
+    first_period,
     next_period,
     next_period_total,
     period_boundary,
@@ -254,3 +255,37 @@ def test_default_budgets_start_today_and_end_after_one_period() -> None:
     midnight = datetime(2024, 5, 17, tzinfo=UTC)
     assert (start, end) == (midnight, midnight.replace(month=6))
     assert end - start == timedelta(days=31)
+
+
+# ---------------------------------------------------------------- a new budget's first period
+
+NOON_31_JAN = datetime(2026, 1, 31, 12, 30, tzinfo=UTC)
+
+
+def test_a_new_budget_without_dates_starts_today_and_runs_one_period() -> None:
+    start, end = first_period(PeriodType.MONTHLY, None, None, NOON_31_JAN)
+
+    assert (start, end) == (datetime(2026, 1, 31, tzinfo=UTC), datetime(2026, 2, 28, tzinfo=UTC))
+
+
+def test_a_new_budget_keeps_the_dates_it_names() -> None:
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    end = datetime(2026, 3, 10, tzinfo=UTC)
+
+    assert first_period(PeriodType.WEEKLY, start, end, NOON_31_JAN) == (start, end)
+
+
+def test_a_named_start_without_an_end_runs_one_period_from_it() -> None:
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+
+    assert first_period(PeriodType.WEEKLY, start, None, NOON_31_JAN) == (
+        start,
+        start + timedelta(weeks=1),
+    )
+
+
+def test_a_one_time_budget_must_name_its_end() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        first_period(PeriodType.ONE_TIME, None, None, NOON_31_JAN)
+
+    assert caught.value.reason == "INVALID_PERIOD"

@@ -16,15 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.common.errors import FailedPrecondition, Internal, InvalidArgument, MonetaError
-from services.wallet.config import WalletSettings
-from services.wallet.fx import (
+from services.common.fx_rates import (
     RATE_SIGNIFICANT_DIGITS,
     converted_amount,
     format_rate,
     parse_rate_table,
-    quote_terms,
     quoted_rate,
 )
+from services.wallet.config import WalletSettings
+from services.wallet.fx import quote_terms
 from services.wallet.merchants import (
     PaymentRequest,
     ensure_unexpired,
