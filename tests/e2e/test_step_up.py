@@ -8,6 +8,7 @@ import asyncio
 import grpc
 import httpx
 
+from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from moneta.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from moneta.wallet.v1 import wallet_pb2_grpc
 from tests.e2e.conftest import Mesh, Person, create_person
@@ -87,6 +88,49 @@ async def test_the_payer_confirms_with_their_pin_and_the_money_moves_once(
     assert (await wallet(http, mesh, alice))["balance"] == "5000.00"
     verify = await http.get("/api/v1/admin/ledger/verify", headers=mesh.admin())
     assert verify.json()["ok"]
+    case = await fraud_case(mesh, transfer_id)
+    assert (case.status, case.resolved_by) == (
+        fraud_pb2.REVIEW_STATUS_APPROVED, f"payer-pin:{alice.user_id}",
+    )  # fmt: skip
+
+
+async def fraud_case(mesh: Mesh, transfer_id: str) -> fraud_pb2.Review:
+    """The fraud review case of a payment (its transfer id is the fraud
+    transaction id)."""
+    async with grpc.aio.insecure_channel(mesh.grpc_addrs["fraud"]) as channel:
+        fraud = fraud_pb2_grpc.FraudServiceStub(channel)
+        token = ""
+        while True:
+            page: fraud_pb2.ListReviewsResponse = await fraud.ListReviews(
+                fraud_pb2.ListReviewsRequest(page_size=1000, page_token=token)
+            )
+            for case in page.reviews:
+                if case.transaction_id == transfer_id:
+                    return case
+            token = page.next_page_token
+            if not token:
+                raise AssertionError(f"no review case for {transfer_id}")
+
+
+async def test_a_payment_an_analyst_rejected_cannot_be_confirmed(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    alice = await create_person(wallet_stub, http, mesh, "15000.00")
+    bob = await create_person(wallet_stub, http, mesh, "0")
+    await set_pin(http, mesh, alice, "2468")
+    transfer_id = (await send_large(http, mesh, alice, bob, "review-5")).json()["transfer_id"]
+    async with grpc.aio.insecure_channel(mesh.grpc_addrs["fraud"]) as channel:
+        await fraud_pb2_grpc.FraudServiceStub(channel).ResolveReview(
+            fraud_pb2.ResolveReviewRequest(transaction_id=transfer_id, mark_fraud=True,
+                                           decision=fraud_pb2.REVIEW_DECISION_REJECT)
+        )  # fmt: skip
+
+    refused = await confirm(http, mesh, alice, transfer_id, "2468")
+
+    assert refused.status_code == 422
+    assert refused.json()["error"]["reason"] == "TRANSACTION_DECLINED"
+    assert (await wallet(http, mesh, bob))["balance"] == "0.00"
+    assert (await fraud_case(mesh, transfer_id)).status == fraud_pb2.REVIEW_STATUS_REJECTED
 
 
 async def test_an_unconfirmed_hold_expires_and_frees_the_money(
