@@ -8,6 +8,7 @@ import grpc
 
 from moneta.common.v1.money_pb2 import Money
 from moneta.wallet.v1 import wallet_pb2 as pb
+from services.common.fx_rates import format_rate
 from services.common.grpc_util import timestamp
 from services.wallet import fx, merchants
 from services.wallet.config import WalletSettings
@@ -26,7 +27,7 @@ def merchant_to_pb(row: asyncpg.Record) -> pb.Merchant:
 def quote_to_pb(row: asyncpg.Record) -> pb.ExchangeQuote:
     return pb.ExchangeQuote(
         quote_id=str(row["quote_id"]),
-        rate=fx.format_rate(row["rate"]),
+        rate=format_rate(row["rate"]),
         from_amount=Money(amount=row["from_amount"], currency=row["from_currency"]),
         to_amount=Money(amount=row["to_amount"], currency=row["to_currency"]),
         expires_at=timestamp(row["expires_at"]),

@@ -6,16 +6,23 @@ reader fills the cache only if no invalidation happened since it began (a
 generation counter, checked and set atomically in Redis), so a slow read can
 never put back a balance older than a write. With Redis unavailable, reads
 go to the ledger and nothing fails.
+
+An invalidation that fails (Redis unreachable, or a partition between this
+process and Redis) is not forgotten: the accounts stay pending, this process
+reads them from the ledger meanwhile, and the invalidation is retried before
+every use of the cache and by ``retry_pending_forever``, so a balance cached
+before the write is never served once Redis answers again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from moneta.ledger.v1 import ledger_pb2
@@ -25,6 +32,10 @@ log = structlog.get_logger("moneta.wallet.cache")
 TTL_SECONDS = 300
 CACHE_READS = Counter(
     "moneta_wallet_balance_cache_reads_total", "Balance reads, by outcome.", ["outcome"]
+)
+INVALIDATIONS_PENDING = Gauge(
+    "moneta_wallet_balance_cache_invalidations_pending",
+    "Accounts whose cache invalidation has not reached Redis yet (read from the ledger meanwhile).",
 )
 
 # Sets the cached balance only while the generation is the one the reader saw.
@@ -38,6 +49,18 @@ end
 return 0
 """
 
+# Forgets balances: for each account, bumps its generation (so that no read
+# begun before puts an older balance back) and deletes its entry; one script
+# call however many accounts (KEYS: value, generation, value, generation …).
+_INVALIDATE = """
+for i = 1, #KEYS, 2 do
+    redis.call('INCR', KEYS[i + 1])
+    redis.call('EXPIRE', KEYS[i + 1], ARGV[1])
+    redis.call('DEL', KEYS[i])
+end
+return #KEYS / 2
+"""
+
 Fetch = Callable[[Sequence[uuid.UUID]], Awaitable[dict[str, ledger_pb2.Balance]]]
 
 
@@ -46,6 +69,9 @@ class BalanceCache:
         self._redis = client
         self._prefix = prefix
         self._set_script = client.register_script(_SET_IF_GENERATION) if client else None
+        self._invalidate_script = client.register_script(_INVALIDATE) if client else None
+        # Accounts whose invalidation has not reached Redis yet.
+        self._pending: set[str] = set()
 
     def _keys(self, account: uuid.UUID | str) -> tuple[str, str]:
         return f"{self._prefix}balance:{account}", f"{self._prefix}balance-gen:{account}"
@@ -55,6 +81,8 @@ class BalanceCache:
     ) -> dict[str, ledger_pb2.Balance]:
         """Cached balances, the misses fetched (in one call) and cached."""
         if self._redis is None or not accounts:
+            return await fetch(accounts)
+        if self._pending and not await self._flush_pending():
             return await fetch(accounts)
         try:
             keys = [self._keys(a) for a in accounts]
@@ -107,14 +135,28 @@ class BalanceCache:
         unique = {str(a) for a in accounts if a}
         if not unique:
             return
+        self._pending |= unique
+        await self._flush_pending()
+
+    async def _flush_pending(self) -> bool:
+        """Invalidates every pending account; True when none is left."""
+        assert self._invalidate_script is not None
+        pending = set(self._pending)
         try:
-            pipe = self._redis.pipeline(transaction=True)
-            for account in unique:
-                value, gen = self._keys(account)
-                pipe.incr(gen)
-                pipe.expire(gen, TTL_SECONDS * 2)
-                pipe.delete(value)
-            await pipe.execute()
+            keys = [key for account in pending for key in self._keys(account)]
+            await self._invalidate_script(keys=keys, args=[TTL_SECONDS * 2])
         except (RedisError, OSError, TimeoutError) as exc:
-            # The entry lives at most its TTL; say so loudly.
-            log.error("balance_cache_invalidation_failed", error=str(exc), accounts=len(unique))
+            INVALIDATIONS_PENDING.set(len(self._pending))
+            log.error("balance_cache_invalidation_failed", error=str(exc), accounts=len(pending))
+            return False
+        self._pending -= pending
+        INVALIDATIONS_PENDING.set(len(self._pending))
+        return not self._pending
+
+    async def retry_pending_forever(self, every_seconds: float = 1.0) -> None:
+        """Retries failed invalidations until Redis takes them, so that other
+        replicas stop serving the stale entries too."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            if self._redis is not None and self._pending:
+                await self._flush_pending()

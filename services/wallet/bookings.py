@@ -14,6 +14,7 @@ was paid, over all cancellations), gives the budget spend back and announces
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -21,6 +22,7 @@ import structlog
 
 from moneta.ledger.v1 import ledger_pb2
 from services.common import outbox
+from services.common.db import DbConn
 from services.common.errors import (
     FailedPrecondition,
     Internal,
@@ -29,7 +31,12 @@ from services.common.errors import (
     NotFound,
 )
 from services.common.ids import parse_uuid
-from services.common.money import require_positive, to_major_units, validate_currency
+from services.common.money import (
+    require_positive,
+    to_major_units,
+    to_minor_units,
+    validate_currency,
+)
 from services.wallet import history, store
 from services.wallet.domain import NAMESPACE, WalletStatus, ensure_can_send
 from services.wallet.handlers import ensure_wallet_account
@@ -39,6 +46,10 @@ log = structlog.get_logger("moneta.wallet.bookings")
 
 CATEGORIES = frozenset({"FLIGHT", "HOTEL", "CAR", "RAIL", "OTHER"})
 _OK = (ledger_pb2.TransferResult.OK, ledger_pb2.TransferResult.EXISTS)
+
+# Runs in the transaction that completes an effect (a consumer records its
+# inbox there).
+OnCommit = Callable[[DbConn], Awaitable[None]]
 
 
 def booking_transfer_id(booking_id: str) -> uuid.UUID:
@@ -80,9 +91,19 @@ def _validate(charge: BookingCharge) -> None:
         raise InvalidArgument("unknown booking category", reason="UNKNOWN_CATEGORY")
 
 
-async def charge_booking(pool: asyncpg.Pool, peers: Peers, charge: BookingCharge) -> BookingOutcome:
+async def charge_booking(
+    pool: asyncpg.Pool,
+    peers: Peers,
+    charge: BookingCharge,
+    *,
+    wait_for_wallet: bool = False,
+    on_commit: OnCommit | None = None,
+) -> BookingOutcome:
     """Charges a booking once. A second call for the same booking id answers
-    the first outcome; a refusal is final and announced."""
+    the first outcome; a refusal is final and announced. With
+    ``wait_for_wallet``, a user without a wallet yet (their UserCreated may
+    still be on its way) is NOT_FOUND instead of a refusal, so that the
+    caller can try again later."""
     _validate(charge)
     user_id = uuid.UUID(charge.user_id)
     async with pool.acquire() as conn:
@@ -92,6 +113,8 @@ async def charge_booking(pool: asyncpg.Pool, peers: Peers, charge: BookingCharge
         if prior is not None and prior["status"] != "PROCESSING":
             return BookingOutcome(charge.booking_id, prior["status"], prior["failure_reason"] or "")
         wallet = await store.fetch_wallet(conn, user_id=user_id)
+        if wallet is None and wait_for_wallet:
+            raise NotFound("the user has no wallet yet", reason="WALLET_NOT_FOUND")
         await conn.execute(
             """
             INSERT INTO bookings (booking_id, user_id, amount, currency, category, description,
@@ -102,7 +125,7 @@ async def charge_booking(pool: asyncpg.Pool, peers: Peers, charge: BookingCharge
             charge.description[:500], booking_transfer_id(charge.booking_id),
         )  # fmt: skip
     if wallet is None:
-        return await _refuse(pool, charge, "WALLET_NOT_FOUND", None)
+        return await _refuse(pool, charge, "WALLET_NOT_FOUND", None, on_commit=on_commit)
     transfer_id = booking_transfer_id(charge.booking_id)
     reservation_id: str | None = None
     try:
@@ -141,7 +164,7 @@ async def charge_booking(pool: asyncpg.Pool, peers: Peers, charge: BookingCharge
             )  # fmt: skip
             reservation_id = reservation.reservation_id
     except FailedPrecondition as refusal:
-        return await _refuse(pool, charge, refusal.reason, reservation_id, peers)
+        return await _refuse(pool, charge, refusal.reason, reservation_id, peers, on_commit)
     try:
         await peers.commit(reservation_id)
     except FailedPrecondition as exc:  # the money has moved: that is final
@@ -166,6 +189,8 @@ async def charge_booking(pool: asyncpg.Pool, peers: Peers, charge: BookingCharge
             wallet["wallet_id"],
             uuid.UUID(reservation_id) if reservation_id else None,
         )
+        if on_commit is not None:
+            await on_commit(conn)
     log.info("booking_charged", booking_id=charge.booking_id, amount=charge.amount)
     return BookingOutcome(charge.booking_id, "CHARGED")
 
@@ -176,6 +201,7 @@ async def _refuse(
     reason: str,
     reservation_id: str | None,
     peers: Peers | None = None,
+    on_commit: OnCommit | None = None,
 ) -> BookingOutcome:
     if reservation_id is not None and peers is not None:
         try:
@@ -198,29 +224,39 @@ async def _refuse(
                 aggregate_id=charge.booking_id,
                 data={"booking_id": charge.booking_id, "user_id": charge.user_id, "reason": reason},
             )
+        if on_commit is not None:
+            await on_commit(conn)
     log.info("booking_refused", booking_id=charge.booking_id, reason=reason)
     return BookingOutcome(charge.booking_id, "FAILED", reason)
 
 
 async def refund_booking(
-    pool: asyncpg.Pool, peers: Peers, booking_id: str, refund_id: str, amount: int | None,
-    reason: str = "",
+    pool: asyncpg.Pool, peers: Peers, booking_id: str, refund_id: str,
+    amount: int | str | None, reason: str = "", on_commit: OnCommit | None = None,
 ) -> int:  # fmt: skip
-    """Refunds a charged booking: ``amount`` minor units, or all that is not
-    refunded yet when None. Once per ``refund_id`` (the cancellation's own
+    """Refunds a charged booking: ``amount`` minor units (or a decimal
+    string in the booking's currency), or all that is not refunded yet when
+    None. Once per ``refund_id`` (the cancellation's own
     id); never more than was paid over all refunds. Returns the amount
-    refunded. A booking not charged (yet) is NOT_FOUND, so that a
-    cancellation arriving first can be retried."""
+    refunded. A booking not charged yet is NOT_FOUND, so that a
+    cancellation arriving first can be retried; a booking whose payment
+    failed has nothing to refund (BOOKING_NOT_CHARGED)."""
     if not refund_id or len(refund_id) > 200:
         raise InvalidArgument("refund_id must be 1 to 200 characters", reason="INVALID_REFUND_ID")
     async with pool.acquire() as conn:
         booking = await conn.fetchrow("SELECT * FROM bookings WHERE booking_id = $1", booking_id)
+    if booking is not None and booking["status"] == "FAILED":
+        raise FailedPrecondition(
+            "the booking's payment failed: nothing was paid", reason="BOOKING_NOT_CHARGED"
+        )
     if booking is None or booking["status"] != "CHARGED":
         raise NotFound("no charged booking with this id", reason="BOOKING_NOT_FOUND")
     refund_transfer = refund_transfer_id(refund_id)
     done = await peers.lookup_transfer(refund_transfer)
     if done is None:
         remaining = booking["amount"] - booking["refunded"]
+        if isinstance(amount, str):
+            amount = to_minor_units(amount, booking["currency"])
         wanted = remaining if amount is None else require_positive(amount)
         if wanted == 0:
             raise FailedPrecondition("the booking is fully refunded", reason="ALREADY_REFUNDED")
@@ -297,5 +333,7 @@ async def refund_booking(
                     "txn_id": str(history.txn_id(refund_transfer, booking["wallet_id"])),
                 },
             )
+        if on_commit is not None:
+            await on_commit(conn)
     log.info("booking_refunded", booking_id=booking_id, amount=refunded)
     return int(refunded)

@@ -14,10 +14,9 @@ user gives up stays in the FX pools, so every minor unit is accounted for.
 from __future__ import annotations
 
 import asyncio
-import functools
 import uuid
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, Decimal, Inexact, InvalidOperation, localcontext
+from decimal import Decimal
 
 import asyncpg
 import structlog
@@ -33,13 +32,16 @@ from services.common.errors import (
     MonetaError,
     NotFound,
 )
+from services.common.fx_rates import (
+    configured_table,
+    converted_amount,
+    format_rate,
+    quoted_rate,
+)
 from services.common.ids import parse_uuid
 from services.common.money import (
-    CURRENCY_EXPONENTS,
     INT64_MAX,
-    exponent,
     require_positive,
-    validate_currency,
 )
 from services.wallet import handlers, history, store
 from services.wallet.domain import (
@@ -54,86 +56,6 @@ from services.wallet.peers import Peers
 log = structlog.get_logger("moneta.wallet.fx")
 
 _OK_CODES = (ledger_pb2.TransferResult.OK, ledger_pb2.TransferResult.EXISTS)
-RATE_SIGNIFICANT_DIGITS = 12
-# Wide enough that the division for a cross rate loses nothing that the
-# 12 digits kept could see, and that an int64 amount times a 12-digit rate
-# is exact.
-_PRECISION = 60
-
-
-# ---------------------------------------------------------------- rates and amounts (pure)
-
-
-def parse_rate_table(text: str) -> dict[str, Decimal]:
-    """``"USD:1,EUR:0.92,JPY:151.20"`` (units of each currency per 1 USD)
-    as a table; ValueError names what is wrong."""
-    table: dict[str, Decimal] = {}
-    for item in text.split(","):
-        code, sep, value = item.strip().partition(":")
-        if not sep or code not in CURRENCY_EXPONENTS or code in table:
-            raise ValueError(f"fx rate entry {item.strip()[:20]!r} is not CUR:rate")
-        try:
-            rate = Decimal(value.strip())
-        except InvalidOperation:
-            raise ValueError(f"fx rate for {code} is not a decimal") from None
-        if not rate.is_finite() or rate <= 0:
-            raise ValueError(f"fx rate for {code} must be positive")
-        table[code] = rate
-    return table
-
-
-@functools.lru_cache(maxsize=4)
-def _configured_table(text: str) -> dict[str, Decimal]:
-    try:
-        return parse_rate_table(text)
-    except ValueError as exc:
-        raise Internal(
-            f"the exchange rate table is misconfigured: {exc}", reason="FX_RATES_INVALID"
-        ) from None
-
-
-def quoted_rate(
-    table: dict[str, Decimal], from_currency: str, to_currency: str, spread_bps: int
-) -> Decimal:
-    """Units of ``to_currency`` per unit of ``from_currency``: the cross
-    rate through USD less the spread, rounded down to
-    ``RATE_SIGNIFICANT_DIGITS`` significant digits."""
-    for code in (from_currency, to_currency):
-        validate_currency(code)
-        if code not in table:
-            raise InvalidArgument(
-                f"{code} cannot be exchanged", reason="UNSUPPORTED_CURRENCY",
-                details={"currency": code},
-            )  # fmt: skip
-    if from_currency == to_currency:
-        raise InvalidArgument("the two currencies are the same", reason="SAME_CURRENCY")
-    if not 0 <= spread_bps < 10_000:
-        raise Internal("the fx spread is misconfigured", reason="FX_SPREAD_INVALID")
-    with localcontext() as ctx:
-        # Every step rounds toward zero (all values are positive), so the
-        # rate is at most the exact one: rounding never favours the user.
-        ctx.prec = _PRECISION
-        ctx.rounding = ROUND_FLOOR
-        exact = table[to_currency] / table[from_currency] * (10_000 - spread_bps) / 10_000
-        quantum = Decimal(1).scaleb(exact.adjusted() - RATE_SIGNIFICANT_DIGITS + 1)
-        return exact.quantize(quantum, rounding=ROUND_FLOOR).normalize()
-
-
-def converted_amount(from_amount: int, from_currency: str, to_currency: str, rate: Decimal) -> int:
-    """``floor(from_amount * rate)``, from minor units of one currency to
-    minor units of the other; exact (Decimal, inexact results trapped)."""
-    with localcontext() as ctx:
-        ctx.prec = _PRECISION
-        ctx.traps[Inexact] = True
-        exact = (Decimal(from_amount) * rate).scaleb(
-            exponent(to_currency) - exponent(from_currency)
-        )
-        return int(exact.to_integral_value(rounding=ROUND_FLOOR))
-
-
-def format_rate(rate: Decimal) -> str:
-    """The rate as a plain decimal string (never in exponent form)."""
-    return f"{rate:f}"
 
 
 @dataclass(frozen=True)
@@ -197,7 +119,7 @@ async def create_quote(
 ) -> asyncpg.Record:
     """A quote for the user, stored, valid for ``ttl_seconds``."""
     uid = parse_uuid(user_id, "user_id")
-    terms = quote_terms(_configured_table(rates), from_currency, to_currency, amount, spread_bps)
+    terms = quote_terms(configured_table(rates), from_currency, to_currency, amount, spread_bps)
     async with pool.acquire() as conn:
         if await store.fetch_wallet(conn, user_id=uid) is None:
             raise NotFound("no such wallet", reason="WALLET_NOT_FOUND")

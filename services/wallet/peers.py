@@ -8,19 +8,55 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import TypeVar
 
 import grpc
+import structlog
+from prometheus_client import Counter
 
 from moneta.budget.v1 import budget_pb2, budget_pb2_grpc
 from moneta.common.v1.money_pb2 import Money
 from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from moneta.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from services.common.errors import Internal, from_rpc_error
+from services.common.config import CommonSettings
+from services.common.errors import DeadlineExceeded, Internal, Unavailable, from_rpc_error
+from services.common.grpc_util import ACTOR_ID_HEADER
 from services.common.interceptors import peer_channel
+from services.common.money import to_minor_units
 from services.wallet.balance_cache import BalanceCache
+from services.wallet.config import WalletSettings
 
 T = TypeVar("T")
+log = structlog.get_logger("moneta.wallet")
+
+FRAUD_UNAVAILABLE = Counter(
+    "moneta_wallet_fraud_unavailable_total",
+    "Payments the fraud service did not score in time, by what the wallet did.",
+    ["outcome"],
+)
+
+
+@dataclass(frozen=True)
+class FraudFallback:
+    """What the wallet does when the fraud service does not answer in time."""
+
+    policy: str = "limit"
+    review_amount: Decimal = Decimal("10000")
+    timeout_seconds: float = 1.0
+
+    @classmethod
+    def of(cls, settings: CommonSettings | None) -> FraudFallback:
+        if not isinstance(settings, WalletSettings):
+            return cls()
+        return cls(settings.fraud_unavailable_policy, settings.fraud_review_amount,
+                   settings.fraud_timeout_seconds)  # fmt: skip
+
+    def allows(self, amount: int, currency: str) -> bool:
+        if self.policy in ("allow", "refuse"):
+            return self.policy == "allow"
+        return amount < to_minor_units(self.review_amount, currency)
 
 
 async def _call(call: Awaitable[T]) -> T:
@@ -38,12 +74,16 @@ class Peers:
         fraud_addr: str,
         timeout: float,
         cache: BalanceCache | None = None,
+        tls: CommonSettings | None = None,
     ) -> None:
         self.cache = cache or BalanceCache(None, "")
-        self._channels = [peer_channel(a, timeout) for a in (ledger_addr, budget_addr, fraud_addr)]
+        self._channels = [
+            peer_channel(a, timeout, tls) for a in (ledger_addr, budget_addr, fraud_addr)
+        ]
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels[0])
         self.budget = budget_pb2_grpc.BudgetServiceStub(self._channels[1])
         self.fraud = fraud_pb2_grpc.FraudServiceStub(self._channels[2])
+        self.fraud_fallback = FraudFallback.of(tls)
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -123,7 +163,41 @@ class Peers:
     # ---------------------------------------------------------------- fraud
 
     async def score(self, request: fraud_pb2.ScoreRequest) -> fraud_pb2.ScoreResponse:
-        return await _call(self.fraud.Score(request))
+        """The fraud service's verdict. When it does not answer in time, the
+        configured fallback: an ALLOW (model version "wallet-fallback") or
+        UNAVAILABLE with reason FRAUD_CHECK_UNAVAILABLE."""
+        fallback = self.fraud_fallback
+        try:
+            return await _call(self.fraud.Score(request, timeout=fallback.timeout_seconds))
+        except (Unavailable, DeadlineExceeded) as exc:
+            allowed = fallback.allows(request.amount.amount, request.amount.currency)
+            FRAUD_UNAVAILABLE.labels("allowed" if allowed else "refused").inc()
+            log.warning("fraud_unavailable", transaction_id=request.transaction_id,
+                        reason=exc.reason, policy=fallback.policy, allowed=allowed)  # fmt: skip
+            if not allowed:
+                raise Unavailable(
+                    "the payment cannot be checked for fraud now; try again shortly",
+                    reason="FRAUD_CHECK_UNAVAILABLE",
+                ) from None
+            return fraud_pb2.ScoreResponse(
+                transaction_id=request.transaction_id,
+                decision=fraud_pb2.DECISION_ALLOW,
+                model_version="wallet-fallback",
+            )
+
+    async def approve_review(self, transaction_id: uuid.UUID, payer: uuid.UUID) -> None:
+        """Tells fraud the payer confirmed a held payment with their PIN: its
+        review case is approved. FAILED_PRECONDITION REVIEW_ALREADY_RESOLVED:
+        an analyst rejected it first."""
+        await _call(
+            self.fraud.ResolveReview(
+                fraud_pb2.ResolveReviewRequest(
+                    transaction_id=str(transaction_id), decision=fraud_pb2.REVIEW_DECISION_APPROVE
+                ),
+                metadata=((ACTOR_ID_HEADER, f"payer-pin:{payer}"),),
+                timeout=self.fraud_fallback.timeout_seconds,
+            )
+        )
 
     # ---------------------------------------------------------------- budget
 
@@ -168,3 +242,16 @@ class Peers:
 
     async def release(self, reservation_id: str) -> None:
         await _call(self.budget.Release(budget_pb2.ReleaseRequest(reservation_id=reservation_id)))
+
+    async def apply_company_policy(
+        self, user_id: uuid.UUID, company_id: uuid.UUID, wallet_id: uuid.UUID
+    ) -> list[budget_pb2.Budget]:
+        """The company's default budgets for a new user; those created now."""
+        response: budget_pb2.ApplyCompanyPolicyResponse = await _call(
+            self.budget.ApplyCompanyPolicy(
+                budget_pb2.ApplyCompanyPolicyRequest(
+                    user_id=str(user_id), company_id=str(company_id), wallet_id=str(wallet_id)
+                )
+            )
+        )
+        return list(response.created)

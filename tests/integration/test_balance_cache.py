@@ -100,3 +100,37 @@ async def test_with_redis_unreachable_reads_go_to_the_ledger_and_nothing_fails()
         await unreachable.aclose()
 
     assert balances[str(account)].available == 42
+
+
+async def test_an_invalidation_lost_to_a_partition_is_applied_once_redis_answers(
+    redis: aioredis.Redis, test_run: TestRun
+) -> None:
+    """A write whose invalidation cannot reach Redis must not let the balance
+    cached before it be served after the partition heals (by this process or
+    any other reading the same Redis)."""
+    from tests.tcp_proxy import TcpProxy
+
+    host, port = "127.0.0.1", 6379
+    proxy = await TcpProxy(host, port).start()
+    prefix = f"{test_run.redis_prefix}{uuid.uuid4().hex[:8]}:"
+    partitioned = redis_client(proxy.url(test_run.settings.redis_url))
+    cache, other_replica = BalanceCache(partitioned, prefix), BalanceCache(redis, prefix)
+    ledger, account = Ledger(), uuid.uuid4()
+    try:
+        ledger.available[str(account)] = 500
+        await cache.balances([account], ledger.fetch)  # cached: 500
+
+        proxy.go_dark()
+        ledger.available[str(account)] = 300  # a payment moved money...
+        await cache.invalidate([account])  # ...but its invalidation was lost
+        during = await cache.balances([account], ledger.fetch)
+        proxy.restore()
+        after_here = await cache.balances([account], ledger.fetch)
+        after_elsewhere = await other_replica.balances([account], ledger.fetch)
+
+        assert during[str(account)].available == 300  # from the ledger meanwhile
+        assert after_here[str(account)].available == 300
+        assert after_elsewhere[str(account)].available == 300
+    finally:
+        await partitioned.aclose()
+        await proxy.stop()
