@@ -21,6 +21,8 @@ def main() -> None:
         http="httptools",
         log_config=None,
         access_log=False,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
 

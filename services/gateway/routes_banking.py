@@ -6,25 +6,30 @@ import hmac
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moneta.common.v1.money_pb2 import Money
 from moneta.wallet.v1 import wallet_pb2
-from services.common.errors import InvalidArgument, Unauthenticated
+from services.common.errors import Unauthenticated
 from services.gateway.auth import Principal
 from services.gateway.config import GatewaySettings
 from services.gateway.deps import (
     ERROR_RESPONSES,
     Amount,
     Caller,
+    IdempotencyKeyHeader,
     Peers,
+    Replays,
+    Upstreams,
     call,
-    parse_amount,
+    limit_by_ip,
+    positive_money,
+    replay_once,
     require_idempotency_key,
-    require_role,
     require_self,
+    status_name,
 )
 
 router = APIRouter()
@@ -81,7 +86,7 @@ def verify_webhook_signature(
         )
 
 
-def webhook_secret(request: Request) -> bytes:
+async def webhook_secret(request: Request) -> bytes:
     """The webhook secret from the gateway's settings, read once."""
     state = request.app.state
     secret: bytes | None = getattr(state, "bank_webhook_secret", None)
@@ -146,17 +151,6 @@ class BankWebhookAnswer(BaseModel):
     status: str
 
 
-def _status_name(status: wallet_pb2.TransactionStatus.ValueType) -> str:
-    return wallet_pb2.TransactionStatus.Name(status).removeprefix("TRANSACTION_STATUS_")
-
-
-def _act_as_self(who: Principal, user_id: str) -> None:
-    """Bank accounts and bank transfers are the owner's own business only;
-    anyone else's are not found, so that ids cannot be probed."""
-    require_role(who, "user", "manager", "admin")
-    require_self(who, user_id)
-
-
 # -- routes
 
 
@@ -168,7 +162,7 @@ async def link_bank_account(
 ) -> LinkBankAccountAnswer:
     """Links a bank account to the caller's wallet. The account number is
     stored encrypted; only its last four digits are ever returned."""
-    _act_as_self(who, body.user_id)
+    require_self(who, body.user_id)
     response = await call(
         who,
         ups.wallet.LinkBankAccount,
@@ -182,25 +176,12 @@ async def link_bank_account(
     return LinkBankAccountAnswer(bank_account_id=response.bank_account_id, last4=response.last4)
 
 
-async def _bank_transfer_request(
-    body: BankTransferBody, who: Principal, ups: Peers, header_key: str | None
+async def _bank_transfer(
+    body: BankTransferBody, who: Principal, ups: Upstreams, header_key: str | None
 ) -> tuple[str, Money]:
-    _act_as_self(who, body.user_id)
+    require_self(who, body.user_id)
     key = require_idempotency_key(body.idempotency_key, header_key)
-    currency = body.currency
-    if currency is None:
-        wallet = await call(
-            who, ups.wallet.GetWallet, wallet_pb2.GetWalletRequest(user_id=body.user_id)
-        )
-        currency = wallet.wallet.currency
-    amount = parse_amount(body.amount, currency)
-    if amount <= 0:
-        raise InvalidArgument(
-            "amount must be greater than zero",
-            reason="INVALID_AMOUNT",
-            details={"field": "amount"},
-        )
-    return key, Money(amount=amount, currency=currency)
+    return key, await positive_money(ups, who, body.amount, body.currency, body.user_id)
 
 
 def _bank_transfer_answer(
@@ -208,68 +189,79 @@ def _bank_transfer_answer(
 ) -> BankTransferAnswer:
     return BankTransferAnswer(
         transfer_id=response.transfer_id,
-        status=_status_name(response.status),
+        status=status_name(response.status),
         estimated_completion=response.estimated_completion.ToDatetime().isoformat() + "Z",
     )
 
 
 @router.post(
-    "/api/v1/wallet/add-funds", status_code=202, tags=["banking"], responses=ERROR_RESPONSES
+    "/api/v1/wallet/add-funds",
+    status_code=202,
+    tags=["banking"],
+    response_model=BankTransferAnswer,
+    responses=ERROR_RESPONSES,
 )
 async def add_funds(
     body: BankTransferBody,
     who: Caller,
     ups: Peers,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> BankTransferAnswer:
+    replays: Replays,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
     """Collects money from a linked bank account into the caller's wallet. It
     shows as pending, not available, until the bank settles it (two to three
-    business days). Retrying with the same idempotency key moves nothing
-    again."""
-    key, money = await _bank_transfer_request(body, who, ups, idempotency_key)
-    response = await call(
-        who,
-        ups.wallet.AddFunds,
-        wallet_pb2.AddFundsRequest(
-            user_id=body.user_id,
-            amount=money,
-            bank_account_id=body.bank_account_id,
-            idempotency_key=key,
-        ),
+    business days). Retrying with the same idempotency key returns the first
+    answer and moves nothing again."""
+    key, money = await _bank_transfer(body, who, ups, idempotency_key)
+    request = wallet_pb2.AddFundsRequest(
+        user_id=body.user_id,
+        amount=money,
+        bank_account_id=body.bank_account_id,
+        idempotency_key=key,
     )
-    return _bank_transfer_answer(response)
+
+    async def add() -> BankTransferAnswer:
+        return _bank_transfer_answer(await call(who, ups.wallet.AddFunds, request))
+
+    return await replay_once(replays, who, key, request, add, status_code=202)
 
 
 @router.post(
-    "/api/v1/wallet/withdraw", status_code=202, tags=["banking"], responses=ERROR_RESPONSES
+    "/api/v1/wallet/withdraw",
+    status_code=202,
+    tags=["banking"],
+    response_model=BankTransferAnswer,
+    responses=ERROR_RESPONSES,
 )
 async def withdraw(
     body: BankTransferBody,
     who: Caller,
     ups: Peers,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> BankTransferAnswer:
+    replays: Replays,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
     """Pays money out of the caller's wallet to a linked bank account. The
     amount is held at once (it cannot be spent again) and leaves when the
     bank settles. Refused from a frozen or closed wallet."""
-    key, money = await _bank_transfer_request(body, who, ups, idempotency_key)
-    response = await call(
-        who,
-        ups.wallet.Withdraw,
-        wallet_pb2.WithdrawRequest(
-            user_id=body.user_id,
-            amount=money,
-            bank_account_id=body.bank_account_id,
-            idempotency_key=key,
-        ),
+    key, money = await _bank_transfer(body, who, ups, idempotency_key)
+    request = wallet_pb2.WithdrawRequest(
+        user_id=body.user_id,
+        amount=money,
+        bank_account_id=body.bank_account_id,
+        idempotency_key=key,
     )
-    return _bank_transfer_answer(response)
+
+    async def pay_out() -> BankTransferAnswer:
+        return _bank_transfer_answer(await call(who, ups.wallet.Withdraw, request))
+
+    return await replay_once(replays, who, key, request, pay_out, status_code=202)
 
 
 @router.post(
     "/api/v1/webhooks/bank",
     tags=["webhooks"],
     responses=ERROR_RESPONSES,
+    dependencies=[Depends(limit_by_ip)],
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -305,4 +297,4 @@ async def bank_webhook(
             reason=body.reason or "",
         ),
     )
-    return BankWebhookAnswer(transfer_id=response.transfer_id, status=_status_name(response.status))
+    return BankWebhookAnswer(transfer_id=response.transfer_id, status=status_name(response.status))

@@ -1,9 +1,6 @@
 """Merchants, merchant payments and currency exchange over HTTP."""
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header
-from google.protobuf.timestamp_pb2 import Timestamp
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from moneta.common.v1.money_pb2 import Money
@@ -13,13 +10,21 @@ from services.common.money import to_major_units
 from services.gateway.deps import (
     ERROR_RESPONSES,
     Amount,
+    BalanceAnswer,
     Caller,
+    IdempotencyKeyHeader,
     Peers,
+    Replays,
+    balance_answers,
     call,
+    iso,
     parse_amount,
+    replay_once,
     require_idempotency_key,
+    require_positive_amount,
     require_role,
     require_self,
+    status_name,
 )
 
 router = APIRouter()
@@ -111,33 +116,10 @@ class ExchangeBody(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 
 
-class BalanceAnswer(BaseModel):
-    currency: str
-    available: str
-    pending: str
-    posted: str
-
-
 class ExchangeAnswer(BaseModel):
     exchange_id: str
     status: str
     balances: list[BalanceAnswer]
-
-
-def _positive(amount: int, field: str = "amount") -> int:
-    if amount <= 0:
-        raise InvalidArgument(
-            "amount must be greater than zero", reason="INVALID_AMOUNT", details={"field": field}
-        )
-    return amount
-
-
-def _status(value: wallet_pb2.TransactionStatus.ValueType) -> str:
-    return wallet_pb2.TransactionStatus.Name(value).removeprefix("TRANSACTION_STATUS_")
-
-
-def _iso(ts: Timestamp) -> str:
-    return ts.ToDatetime().isoformat() + "Z"
 
 
 # -- merchants
@@ -155,7 +137,7 @@ async def create_merchant(body: CreateMerchantBody, who: Caller, ups: Peers) -> 
     )
     m = response.merchant
     return MerchantAnswer(
-        merchant_id=m.merchant_id, name=m.name, currency=m.currency, created_at=_iso(m.created_at)
+        merchant_id=m.merchant_id, name=m.name, currency=m.currency, created_at=iso(m.created_at)
     )
 
 
@@ -171,7 +153,7 @@ async def create_payment_qr(
     """A signed payment request for the merchant's QR code, payable once
     until it expires. Admins."""
     require_role(who, "admin")
-    amount = _positive(parse_amount(body.amount, body.currency))
+    amount = require_positive_amount(parse_amount(body.amount, body.currency))
     response = await call(
         who,
         ups.wallet.CreatePaymentQr,
@@ -181,22 +163,28 @@ async def create_payment_qr(
             reference=body.reference,
         ),
     )
-    return QrAnswer(qr_payload=response.qr_payload, expires_at=_iso(response.expires_at))
+    return QrAnswer(qr_payload=response.qr_payload, expires_at=iso(response.expires_at))
 
 
 # -- payments
 
 
-@router.post("/api/v1/payments", tags=["payments"], responses=ERROR_RESPONSES)
+@router.post(
+    "/api/v1/payments",
+    tags=["payments"],
+    response_model=PaymentAnswer,
+    responses=ERROR_RESPONSES,
+)
 async def pay_merchant(
     body: PaymentBody,
     who: Caller,
     ups: Peers,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> PaymentAnswer:
+    replays: Replays,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
     """Pays a merchant from the caller's wallet: a QR code (paid once), or a
     merchant id with an amount. Retrying with the same idempotency key
-    returns the first result and moves nothing again."""
+    returns the first answer and moves nothing again."""
     require_self(who, body.payer_id)
     key = require_idempotency_key(body.idempotency_key, idempotency_key)
     request = wallet_pb2.PayMerchantRequest(
@@ -221,17 +209,22 @@ async def pay_merchant(
         request.merchant_id = body.merchant_id
         request.amount.CopyFrom(
             Money(
-                amount=_positive(parse_amount(body.amount, body.currency)), currency=body.currency
+                amount=require_positive_amount(parse_amount(body.amount, body.currency)),
+                currency=body.currency,
             )
         )
-    response = await call(who, ups.wallet.PayMerchant, request)
-    balance = response.payer_balance
-    return PaymentAnswer(
-        payment_id=response.payment_id,
-        status=_status(response.status),
-        payer_balance=to_major_units(balance.amount, balance.currency),
-        currency=balance.currency,
-    )
+
+    async def pay() -> PaymentAnswer:
+        response = await call(who, ups.wallet.PayMerchant, request)
+        balance = response.payer_balance
+        return PaymentAnswer(
+            payment_id=response.payment_id,
+            status=status_name(response.status),
+            payer_balance=to_major_units(balance.amount, balance.currency),
+            currency=balance.currency,
+        )
+
+    return await replay_once(replays, who, key, request, pay)
 
 
 # -- exchange
@@ -244,7 +237,7 @@ async def create_exchange_quote(body: QuoteBody, who: Caller, ups: Peers) -> Quo
     """A quote to exchange an amount of one currency for another, valid for
     a short time (see expires_at)."""
     require_self(who, body.user_id)
-    amount = _positive(parse_amount(body.amount, body.from_currency))
+    amount = require_positive_amount(parse_amount(body.amount, body.from_currency))
     response = await call(
         who,
         ups.wallet.CreateExchangeQuote,
@@ -263,38 +256,37 @@ async def create_exchange_quote(body: QuoteBody, who: Caller, ups: Peers) -> Quo
         from_currency=q.from_amount.currency,
         to_amount=to_major_units(q.to_amount.amount, q.to_amount.currency),
         to_currency=q.to_amount.currency,
-        expires_at=_iso(q.expires_at),
+        expires_at=iso(q.expires_at),
     )
 
 
-@router.post("/api/v1/exchanges", tags=["exchange"], responses=ERROR_RESPONSES)
+@router.post(
+    "/api/v1/exchanges",
+    tags=["exchange"],
+    response_model=ExchangeAnswer,
+    responses=ERROR_RESPONSES,
+)
 async def execute_exchange(
     body: ExchangeBody,
     who: Caller,
     ups: Peers,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> ExchangeAnswer:
+    replays: Replays,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
     """Executes the caller's quote at its rate, once, atomically. Retrying
-    with the same idempotency key returns the first result."""
+    with the same idempotency key returns the first answer."""
     require_self(who, body.user_id)
     key = require_idempotency_key(body.idempotency_key, idempotency_key)
-    response = await call(
-        who,
-        ups.wallet.ExecuteExchange,
-        wallet_pb2.ExecuteExchangeRequest(
-            user_id=body.user_id, quote_id=body.quote_id, idempotency_key=key
-        ),
+    request = wallet_pb2.ExecuteExchangeRequest(
+        user_id=body.user_id, quote_id=body.quote_id, idempotency_key=key
     )
-    return ExchangeAnswer(
-        exchange_id=response.exchange_id,
-        status=_status(response.status),
-        balances=[
-            BalanceAnswer(
-                currency=b.currency,
-                available=to_major_units(b.available, b.currency),
-                pending=to_major_units(b.pending, b.currency),
-                posted=to_major_units(b.posted, b.currency),
-            )
-            for b in response.balances
-        ],
-    )
+
+    async def exchange() -> ExchangeAnswer:
+        response = await call(who, ups.wallet.ExecuteExchange, request)
+        return ExchangeAnswer(
+            exchange_id=response.exchange_id,
+            status=status_name(response.status),
+            balances=balance_answers(response.balances),
+        )
+
+    return await replay_once(replays, who, key, request, exchange)

@@ -207,3 +207,24 @@ def test_malformed_authorization_is_token_missing(
 
 def test_basic_scheme_carrying_a_valid_jwt_is_token_missing(verifier: TokenVerifier) -> None:
     assert refusal(verifier, f"Basic {verifier.issue('u-1', 'admin')}") == "TOKEN_MISSING"
+
+
+def test_a_token_verified_before_is_still_refused_once_expired(verifier: TokenVerifier) -> None:
+    authorization = signed(exp=int(time.time()) + 1)
+    assert verifier.verify(authorization).role == "user"  # verified, and remembered
+
+    deadline = time.monotonic() + 3
+    while True:  # the clock passes its expiry within about a second
+        try:
+            verifier.verify(authorization)
+        except Unauthenticated as refused:
+            assert refused.reason == "TOKEN_EXPIRED"
+            break
+        assert time.monotonic() < deadline, "still accepted after its expiry"
+        time.sleep(0.05)
+
+
+def test_a_remembered_token_answers_the_same_principal(verifier: TokenVerifier) -> None:
+    authorization = signed(role="manager", company_id="c-1")
+
+    assert verifier.verify(authorization) == verifier.verify(authorization)
