@@ -67,10 +67,34 @@ test-integration: protos infra ## Integration tests against real PostgreSQL, Rab
 test-e2e: protos infra ## End-to-end tests: the five services as real processes.
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
+.PHONY: chaos
+chaos: protos infra ## Fault tests: the mesh under load while a service or a (private) server fails; docs/chaos.md.
+	MONETA_CHAOS=1 $(PY) -m pytest tests/chaos $(PYTEST_ARGS)
+
+SOAK_ARGS ?=
+.PHONY: soak
+soak: protos infra ## Mixed load at 200 requests/s for 10 minutes (SOAK_ARGS="--minutes 1"); bench/results/soak.json.
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
 node_modules/.bin/buf: package.json package-lock.json
 	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
 	npm install --silent --no-audit --no-fund
 	@touch $@
+
+.PHONY: test-deploy
+test-deploy: protos ## The image and Kubernetes manifests checks, and mutual TLS between services.
+	$(PY) -m pytest tests/deploy tests/integration/test_tls.py $(PYTEST_ARGS)
+
+OVERLAY ?= dev
+.PHONY: manifests
+manifests: deps ## Print the manifests of an overlay (OVERLAY=dev|prod), as kubectl apply -k would apply them.
+	@if command -v kubectl >/dev/null; then kubectl kustomize deploy/k8s/overlays/$(OVERLAY); \
+	else $(PY) -m tests.deploy.render deploy/k8s/overlays/$(OVERLAY); fi
+
+IMAGE ?= moneta:dev
+.PHONY: image
+image: ## Build the container image (needs a Docker engine): IMAGE=moneta:dev.
+	docker build -t $(IMAGE) .
 
 .PHONY: lint
 lint: protos node_modules/.bin/buf ## ruff, mypy and buf lint.
@@ -107,3 +131,19 @@ bench-history: protos infra ## First-page latency of a wallet with 100,000 trans
 .PHONY: bench-budget
 bench-budget: protos infra ## Reserve+Commit pairs over gRPC at 500/s and flat out (bench/results/budget.json).
 	$(PY) -m bench.budget
+
+.PHONY: bench-fraud
+bench-fraud: protos infra ## Score over gRPC at 500/s and flat out, precision/recall on held-out synthetic data (bench/results/fraud.json).
+	$(PY) -m bench.fraud
+
+.PHONY: bench-gateway
+bench-gateway: protos infra ## P2P transfers and balance reads through the gateway, whole mesh running (bench/results/gateway.json).
+	$(PY) -m bench.gateway
+
+.PHONY: fraud-train
+fraud-train: migrate ## Train the fraud model (history, or the synthetic set on a cold start) and store it; running services pick it up.
+	$(PY) -m services.fraud train
+
+.PHONY: chaos-consumer
+chaos-consumer: protos infra ## Event consumers through real restarts of a private RabbitMQ node (about 30 s).
+	MONETA_CHAOS=1 $(PY) -m pytest tests/integration/test_consumer.py -k real_broker_restart $(PYTEST_ARGS)

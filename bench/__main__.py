@@ -1,21 +1,21 @@
 """python -m bench: runs every benchmark that has landed.
 
-Today: the ledger's (``bench.ledger``), the wallet history's
-(``bench.history``) and the budget's (``bench.budget``). The fraud and
-gateway benchmarks arrive with their issues and are added here.
+Each writes ``bench/results/<name>.json``; ``bench.report`` then writes
+``bench/results/SUMMARY.md`` and its plots from all of them.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import budget, history, ledger
+from bench import budget, fraud, gateway, history, ledger, report
 
 
 def main() -> None:
-    for benchmark in (ledger, history, budget):
+    for benchmark in (ledger, history, budget, fraud, gateway):
         sys.argv = [sys.argv[0]]  # each with its defaults
         benchmark.main()
+    report.main()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,11 +18,14 @@ from typing import Any
 import grpc
 
 from bench.common import (
+    Call,
     bench_settings,
+    closed_loop,
     drop_databases,
     machine,
-    percentile,
+    open_loop,
     running_service,
+    timed_call,
     write_results,
 )
 from moneta.budget.v1 import budget_pb2, budget_pb2_grpc
@@ -55,16 +57,8 @@ async def create_budgets(stub: budget_pb2_grpc.BudgetServiceStub, users: list[st
     await asyncio.gather(*(one(u) for u in users))
 
 
-async def pair(stub: budget_pb2_grpc.BudgetServiceStub, user: str) -> float | None:
-    """One Reserve + Commit; its latency in ms, or None when it failed."""
-    started = time.perf_counter()
-    try:
-        return await _pair(stub, user, started)
-    except grpc.aio.AioRpcError:
-        return None
-
-
-async def _pair(stub: budget_pb2_grpc.BudgetServiceStub, user: str, started: float) -> float:
+async def pair(stub: budget_pb2_grpc.BudgetServiceStub, user: str) -> None:
+    """One Reserve + Commit."""
     reservation = (
         await stub.Reserve(
             budget_pb2.ReserveRequest(
@@ -79,59 +73,12 @@ async def _pair(stub: budget_pb2_grpc.BudgetServiceStub, user: str, started: flo
     await stub.Commit(
         budget_pb2.CommitRequest(reservation_id=reservation.reservation_id), timeout=10
     )
-    return (time.perf_counter() - started) * 1000
 
 
-async def offered(
-    stub: budget_pb2_grpc.BudgetServiceStub, users: list[str], rate: int, seconds: float
-) -> dict[str, Any]:
-    """Starts pairs at ``rate`` per second for ``seconds`` (open loop: a slow
-    answer does not slow the arrivals down) and measures each."""
-    rng = random.Random(5)
-    tasks = []
-    started = time.perf_counter()
-    for i in range(int(rate * seconds)):
-        due = started + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(pair(stub, rng.choice(users))))
-    answers = await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - started
-    latencies = [a for a in answers if a is not None]
-    return {
-        "offered_per_s": rate,
-        "failed": len(answers) - len(latencies),
-        "achieved_per_s": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(percentile(latencies, 50), 2),
-        "p99_ms": round(percentile(latencies, 99), 2),
-        "pairs": len(latencies),
-    }
-
-
-async def flat_out(
-    stub: budget_pb2_grpc.BudgetServiceStub, users: list[str], clients: int, count: int
-) -> dict[str, Any]:
-    rng = random.Random(6)
-    latencies: list[float] = []
-    remaining = count
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            latency = await pair(stub, rng.choice(users))
-            if latency is not None:
-                latencies.append(latency)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    elapsed = time.perf_counter() - started
-    return {
-        "clients": clients,
-        "pairs_per_s": round(len(latencies) / elapsed, 1),
-        "p99_ms": round(percentile(latencies, 99), 2),
-    }
+def pairs(stub: budget_pb2_grpc.BudgetServiceStub, users: list[str], seed: int) -> Call:
+    """Timed pairs, each for a user drawn at random (seeded)."""
+    rng = random.Random(seed)
+    return lambda: timed_call(pair(stub, rng.choice(users)))
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,10 +95,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await create_budgets(stub, hot + cold)
             for name, users in (("one_hot_budget", hot), ("10k_budgets", cold)):
                 runs = [
-                    await offered(stub, users, args.rate, args.seconds) for _ in range(args.runs)
+                    await open_loop(pairs(stub, users, 5), args.rate, args.seconds)
+                    for _ in range(args.runs)
                 ]
                 mid = sorted(runs, key=lambda r: r["p99_ms"])[len(runs) // 2]
-                top = await flat_out(stub, users, args.clients, args.flat_out_pairs)
+                top = await closed_loop(pairs(stub, users, 6), args.clients, args.flat_out_pairs)
+                sweep = [
+                    (
+                        clients,
+                        (await closed_loop(pairs(stub, users, 6), clients, args.sweep_pairs))[
+                            "per_s"
+                        ],
+                    )
+                    for clients in args.sweep
+                ]
+                results.setdefault("series", []).append(
+                    {"name": f"{name} Reserve+Commit pairs", "x_label": "concurrent clients",
+                     "y_label": "pairs per second", "points": sweep}
+                )  # fmt: skip
                 results["scenarios"][name] = {
                     "at_offered_rate": mid,
                     "per_run_p99_ms": [r["p99_ms"] for r in runs],
@@ -163,7 +124,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(
                     f"  {name:<15} at {args.rate}/s: p50 {mid['p50_ms']} ms, p99 {mid['p99_ms']} ms,"
                     f" {mid['failed']} failed;"
-                    f" flat out {top['pairs_per_s']}/s (p99 {top['p99_ms']} ms)"
+                    f" flat out {top['per_s']}/s (p99 {top['p99_ms']} ms)"
                 )
     await drop_databases(settings, PREFIX)
     return results
@@ -177,8 +138,29 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--flat-out-pairs", type=int, default=4000)
+    parser.add_argument(
+        "--sweep",
+        type=int,
+        nargs="*",
+        default=[1, 4, 16, 64],
+        help="client counts for the throughput-against-concurrency series",
+    )
+    parser.add_argument("--sweep-pairs", type=int, default=1000)
     args = parser.parse_args()
     results = asyncio.run(run(args))
+    results["headlines"] = [
+        headline
+        for name, s in results["scenarios"].items()
+        for headline in (
+            {"metric": f"{name} p99 at {args.rate}/s", "value": s["at_offered_rate"]["p99_ms"],
+             "unit": "ms", "target": TARGET_P99_MS, "better": "lower"},
+            {"metric": f"{name} pairs achieved at {args.rate}/s offered",
+             "value": s["at_offered_rate"]["achieved_per_s"], "unit": "/s",
+             "target": TARGET_RATE * 0.98, "better": "higher"},
+            {"metric": f"{name} pairs flat out", "value": s["flat_out"]["per_s"],
+             "unit": "/s", "target": None, "better": "higher"},
+        )
+    ]  # fmt: skip
     path = write_results("budget", results)
     print(f"\nwritten to {path}")
 

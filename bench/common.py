@@ -3,20 +3,25 @@ files, and a service started as a real process on a database of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 
 from services.common.config import CommonSettings
 from tests.processes import ServiceProcess, service_process
@@ -35,7 +40,33 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "postgres": _postgres_version(),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        # How long a thread takes to wake another and be woken back: about
+        # 10-20 us on a healthy machine. A VM whose host is crowded shows
+        # ten times that, and every gRPC call pays it: such figures say
+        # more about the machine than about Moneta.
+        "thread_wakeup_round_trip_us": _thread_round_trip_us(),
     }
+
+
+def _thread_round_trip_us(rounds: int = 2000) -> float:
+    there: queue.SimpleQueue[int] = queue.SimpleQueue()
+    back: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def echo() -> None:
+        while (item := there.get()) >= 0:
+            back.put(item)
+
+    worker = threading.Thread(target=echo, daemon=True)
+    worker.start()
+    started = time.perf_counter()
+    for i in range(rounds):
+        there.put(i)
+        back.get()
+    elapsed = time.perf_counter() - started
+    there.put(-1)
+    worker.join()
+    return round(elapsed / rounds * 1e6, 1)
 
 
 def _cpu_model() -> str:
@@ -128,3 +159,68 @@ def running_service(
                 process.stop()
                 if process.process is not None and process.process.returncode not in (0, None):
                     sys.stderr.write(process.log_path.read_text()[-2000:])
+
+
+Call = Callable[[], Coroutine[Any, Any, float | None]]
+
+
+async def timed_call(call: Awaitable[Any]) -> float | None:
+    """The call's latency in ms, or None when it failed with an RPC error."""
+    started = time.perf_counter()
+    try:
+        await call
+    except grpc.aio.AioRpcError:
+        return None
+    return (time.perf_counter() - started) * 1000
+
+
+async def open_loop(one: Call, rate: int, seconds: float) -> dict[str, Any]:
+    """Starts ``one()`` every 1/rate s for ``seconds`` (open loop: a slow
+    answer does not slow the arrivals down) and measures each."""
+    tasks = []
+    started = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    answers = await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    latencies = [a for a in answers if a is not None]
+    return {
+        "offered_per_s": rate,
+        "achieved_per_s": round(len(latencies) / elapsed, 1),
+        "failed": len(answers) - len(latencies),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "count": len(answers),
+    }
+
+
+async def closed_loop(one: Call, clients: int, count: int) -> dict[str, Any]:
+    """``count`` calls of ``one()`` from ``clients`` workers, each starting
+    its next as soon as its last is answered (flat out)."""
+    latencies: list[float] = []
+    failed = 0
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining, failed
+        while remaining > 0:
+            remaining -= 1
+            latency = await one()
+            if latency is None:
+                failed += 1
+            else:
+                latencies.append(latency)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "failed": failed,
+    }

@@ -146,6 +146,11 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=300)
     args = parser.parse_args()
     results = asyncio.run(run(args))
+    results["headlines"] = [
+        {"metric": f"{name} p99", "value": q["p99_ms"], "unit": "ms",
+         "target": TARGET_P99_MS, "better": "lower"}
+        for name, q in results["queries"].items()
+    ]  # fmt: skip
     path = write_results("history", results)
     print(f"\nwritten to {path}")
 

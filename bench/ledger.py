@@ -318,6 +318,45 @@ def summarise(
     }
 
 
+def headlines(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures with targets, for bench.report's summary."""
+    out: list[dict[str, Any]] = []
+    for name, s in results["scenarios"].items():
+        ours, base = s["ours"]["transfers_per_s"], s["baseline"]["transfers_per_s"]
+        target = s["target"]
+        out.append(
+            {
+                "metric": f"{name} transfers",
+                "value": ours,
+                "unit": "/s",
+                "target": target.get("ours_tps"),
+                "better": "higher",
+                "baseline": base,
+            }
+        )
+        if "ratio" in target:
+            out.append(
+                {
+                    "metric": f"{name} ours / baseline",
+                    "value": s["ratio"],
+                    "unit": "ratio",
+                    "target": target["ratio"],
+                    "better": "higher",
+                }
+            )
+        out.append(
+            {
+                "metric": f"{name} p99",
+                "value": s["ours"]["p99_ms"],
+                "unit": "ms",
+                "target": None,
+                "better": "lower",
+                "baseline": s["baseline"]["p99_ms"],
+            }
+        )
+    return out  # fmt: skip
+
+
 def print_table(results: dict[str, Any]) -> None:
     header = (
         f"{'scenario':<16}{'ours/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
@@ -350,6 +389,7 @@ def main() -> None:
     args = parser.parse_args()
     results = asyncio.run(run(args))
     results["config"] = {k: v for k, v in vars(args).items()}
+    results["headlines"] = headlines(results)
     path = write_results("ledger", results)
     print()
     print_table(results)

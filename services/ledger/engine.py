@@ -25,7 +25,7 @@ import asyncpg
 import structlog
 from prometheus_client import Counter, Histogram
 
-from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.errors import DeadlineExceeded, Unavailable, unavailable_from
 from services.ledger import handlers, store
 from services.ledger.domain import MAX_BATCH, TransferOutcome, TransferSpec
 
@@ -127,17 +127,15 @@ class TransferEngine:
         started = loop.time()
         try:
             results = await handlers.apply_items(self._pool, [q.item for q in batch])
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-            # The database is unreachable: every caller gets UNAVAILABLE and
-            # may retry with the same ids.
-            unavailable = Unavailable(
-                "the ledger's database is unavailable", reason="DATABASE_UNAVAILABLE"
-            )
-            log.warning("batch_failed", error=str(exc))
-            for queued in batch:
-                _fail(queued, unavailable)
-            return
         except Exception as exc:
+            unavailable = unavailable_from(exc)
+            if unavailable is not None:
+                # The database is unreachable: every caller gets UNAVAILABLE
+                # and may retry with the same ids.
+                log.warning("batch_failed", error=str(exc))
+                for queued in batch:
+                    _fail(queued, unavailable)
+                return
             if len(batch) == 1:
                 _fail(batch[0], exc)
                 return

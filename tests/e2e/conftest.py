@@ -94,6 +94,13 @@ def mesh(test_run: TestRun, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "MONETA_BANK_PARTNER_URL": f"http://127.0.0.1:{free_port()}",
         "MONETA_BANK_WEBHOOK_SECRET": BANK_WEBHOOK_SECRET,
         "MONETA_REVIEW_HOLD_SECONDS": "4",
+        # Every test request comes from 127.0.0.1, and the schema test sends
+        # hundreds as one user: limits that would throttle the suite, not a
+        # client. (test_gateway_resilience runs gateways with tight ones.)
+        "MONETA_RATE_LIMIT_IP_PER_SECOND": "100000",
+        "MONETA_RATE_LIMIT_IP_BURST": "100000",
+        "MONETA_RATE_LIMIT_USER_PER_SECOND": "10000",
+        "MONETA_RATE_LIMIT_USER_BURST": "10000",
     }
     for name, port in ports.items():
         env[f"MONETA_{name.upper()}_PORT"] = str(port)
@@ -155,9 +162,11 @@ async def create_person(
     mesh: Mesh,
     initial_balance: str,
     currency: str = "USD",
+    company_id: str = "",
 ) -> Person:
-    """A user (through the wallet's admin gRPC call) with a wallet funded
-    from the platform (through the gateway, as an admin)."""
+    """A user (through the wallet's admin gRPC call), of ``company_id`` if
+    given, with a wallet funded from the platform or their company (through
+    the gateway, as an admin)."""
     user_id = str(uuid.uuid4())
     handle = f"u{user_id[:8]}"
     await wallet.CreateUser(
@@ -169,6 +178,7 @@ async def create_person(
                 full_name=f"Person {handle}",
                 role=wallet_pb2.ROLE_USER,
                 default_currency=currency,
+                company_id=company_id,
             )
         )
     )

@@ -5,6 +5,7 @@ migrations applied once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -72,6 +73,15 @@ def _crash() -> str:
     raise RuntimeError("secret internals: password=hunter2")
 
 
+# What a handler meets when its database connection is lost: set by the test
+# from a real lost connection, raised by the probe's "LoseDatabase".
+_LOST_CONNECTION: list[BaseException] = []
+
+
+def _lose_database() -> str:
+    raise _LOST_CONNECTION[0]
+
+
 @pytest.fixture
 async def probe_server() -> AsyncIterator[Running]:
     port = _free_port()
@@ -86,7 +96,16 @@ async def probe_server() -> AsyncIterator[Running]:
         host="127.0.0.1",
         port=port,
         register=lambda server: server.add_generic_rpc_handlers(
-            (_probe_handlers({"RequestId": _request_id, "Refuse": _refuse, "Crash": _crash}),)
+            (
+                _probe_handlers(
+                    {
+                        "RequestId": _request_id,
+                        "Refuse": _refuse,
+                        "Crash": _crash,
+                        "LoseDatabase": _lose_database,
+                    }
+                ),
+            )
         ),
         service_names=[SERVICE],
         dependencies={"db": dependency},
@@ -195,6 +214,23 @@ async def test_unexpected_exception_is_internal_with_a_request_id_and_no_interna
     assert "req-789" in (raised.value.details() or "")
     assert "hunter2" not in (raised.value.details() or "")
     assert from_rpc_error(raised.value).reason == "INTERNAL"
+
+
+async def test_a_lost_database_connection_is_unavailable_not_internal(
+    probe_server: Running, test_run: TestRun
+) -> None:
+    conn = await asyncpg.connect(test_run.settings.postgres_url)
+    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)) as lost:
+        await conn.fetchval("SELECT 1")
+    _LOST_CONNECTION[:] = [lost.value]
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _call(probe_server.address, "LoseDatabase")
+
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert from_rpc_error(raised.value).reason == "DATABASE_UNAVAILABLE"
 
 
 # ---------------------------------------------------------------- migrations
