@@ -9,6 +9,7 @@ it was applied stops the service instead of drifting silently.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,16 @@ log = structlog.get_logger("moneta.db")
 DbConn: TypeAlias = (
     "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 )
+
+
+def atomic(conn: DbConn) -> contextlib.AbstractAsyncContextManager[object]:
+    """A transaction for a unit of writes: the caller's own when one is open
+    (a savepoint would cost two more round trips and nothing here catches a
+    failure to carry on), a new one otherwise."""
+    if conn.is_in_transaction():
+        return contextlib.nullcontext()
+    return conn.transaction()
+
 
 _MIGRATION_RE = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 # Any constant shared by all services; each service has its own database, so

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +57,15 @@ def envelope(event_id: uuid.UUID, event_type: str, data: Mapping[str, Any]) -> d
     }
 
 
+@dataclass(frozen=True)
+class OutboxEvent:
+    event_id: uuid.UUID
+    event_type: str
+    routing_key: str
+    aggregate_id: str
+    data: Mapping[str, Any]
+
+
 async def add_event(
     conn: DbConn,
     *,
@@ -67,16 +77,28 @@ async def add_event(
 ) -> None:
     """Adds an event to the outbox, in the caller's transaction. Adding the
     same ``event_id`` again (a retried change) adds nothing."""
+    await add_events(conn, [OutboxEvent(event_id, event_type, routing_key, aggregate_id, data)])
+
+
+async def add_events(conn: DbConn, events: Sequence[OutboxEvent]) -> None:
+    """Adds events in order, in one statement, in the caller's transaction
+    (as ``add_event``)."""
+    if not events:
+        return
     await conn.execute(
         """
         INSERT INTO outbox (event_id, event_type, routing_key, aggregate_id, envelope)
-        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING
+        SELECT i, t, r, a, e::jsonb
+          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+               WITH ORDINALITY AS u(i, t, r, a, e, n)
+         ORDER BY n
+        ON CONFLICT (event_id) DO NOTHING
         """,
-        event_id,
-        event_type,
-        routing_key,
-        aggregate_id,
-        envelope(event_id, event_type, data),
+        [e.event_id for e in events],
+        [e.event_type for e in events],
+        [e.routing_key for e in events],
+        [e.aggregate_id for e in events],
+        [orjson.dumps(envelope(e.event_id, e.event_type, e.data)).decode() for e in events],
     )
 
 

@@ -38,15 +38,21 @@ INVALIDATIONS_PENDING = Gauge(
     "Accounts whose cache invalidation has not reached Redis yet (read from the ledger meanwhile).",
 )
 
-# Sets the cached balance only while the generation is the one the reader saw.
+# Sets each cached balance only while its generation is the one the reader
+# saw; one script call however many accounts (KEYS: value, generation …;
+# ARGV: ttl, then generation seen, balance … per account). Returns how many
+# it set.
 _SET_IF_GENERATION = """
-local current = redis.call('GET', KEYS[2])
-if current == false then current = '0' end
-if current == ARGV[1] then
-    redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-    return 1
+local set = 0
+for i = 1, #KEYS, 2 do
+    local current = redis.call('GET', KEYS[i + 1])
+    if current == false then current = '0' end
+    if current == ARGV[i + 1] then
+        redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[1])
+        set = set + 1
+    end
 end
-return 0
+return set
 """
 
 # Forgets balances: for each account, bumps its generation (so that no read
@@ -114,17 +120,15 @@ class BalanceCache:
         self, fetched: dict[str, ledger_pb2.Balance], generations: dict[str, bytes | None]
     ) -> None:
         assert self._set_script is not None
+        keys: list[str] = []
+        args: list[bytes | int] = [TTL_SECONDS]
+        for account, balance in fetched.items():
+            keys.extend(self._keys(account))
+            args.extend((generations.get(account) or b"0", balance.SerializeToString()))
+        if not keys:
+            return
         try:
-            for account, balance in fetched.items():
-                value, gen = self._keys(account)
-                await self._set_script(
-                    keys=[value, gen],
-                    args=[
-                        generations.get(account) or b"0",
-                        balance.SerializeToString(),
-                        TTL_SECONDS,
-                    ],
-                )
+            await self._set_script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("balance_cache_fill_failed", error=str(exc))
 

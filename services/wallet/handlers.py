@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from decimal import Decimal
@@ -372,14 +372,16 @@ async def transfer(
         raise InvalidArgument("note is at most 500 characters", reason="INVALID_NOTE")
 
     async with pool.acquire() as conn:
-        sender_wallet = await store.fetch_wallet(conn, user_id=sender_id)
+        sender_wallet, sender_accounts = await store.fetch_wallet_and_accounts(conn, sender_id)
         if sender_wallet is None:
             raise NotFound("the sender has no wallet", reason="WALLET_NOT_FOUND")
         currency = validate_currency(cmd.currency or sender_wallet["default_currency"])
         recipient = await _resolve_recipient(conn, *cmd.recipient)
         if recipient["user_id"] == sender_id:
             raise InvalidArgument("a transfer to oneself moves nothing", reason="SELF_TRANSFER")
-        recipient_wallet = await store.fetch_wallet(conn, user_id=recipient["user_id"])
+        recipient_wallet, recipient_accounts = await store.fetch_wallet_and_accounts(
+            conn, recipient["user_id"]
+        )
         if recipient_wallet is None:
             raise NotFound("no such recipient", reason="RECIPIENT_NOT_FOUND")
         pid = payment_id(sender_id, key)
@@ -401,15 +403,16 @@ async def transfer(
             amount=cmd.amount,
             currency=currency,
             note=cmd.note,
+            lease_seconds=LEASE_SECONDS,
         )
-        sender_accounts = await store.wallet_accounts(conn, sender_wallet["wallet_id"])
 
-    replayed = await admit_attempt(pool, payment, pid, fingerprint, _replay)
+    replayed = await admit_attempt(pool, payment, pid, fingerprint, _replay, leased=fresh)
     if replayed is not None:
         return replayed
     step = _Payment(
         pool, peers, pid, cmd, currency, sender_wallet, sender_accounts, recipient_wallet,
         reservation_id=payment["reservation_id"], review_seconds=review_seconds,
+        recipient_accounts=recipient_accounts,
     )  # fmt: skip
     try:
         return await step.drive(resumed=not fresh)
@@ -435,16 +438,21 @@ async def admit_attempt(
     pid: uuid.UUID,
     fingerprint: str,
     replay: Callable[[asyncpg.Record | None], Outcome | None],
+    *,
+    leased: bool = False,
 ) -> Outcome | None:
     """The gate every payment passes after recording itself: the same key
     with another request is refused; a finished payment answers its first
     outcome (``replay``); otherwise this attempt takes the payment's lease
-    (None), or is told another attempt is still at work."""
+    (None; ``leased`` when recording it took the lease already), or is told
+    another attempt is still at work."""
     if payment["payment_id"] != pid or payment["request_hash"] != fingerprint:
         raise AlreadyExists(
             "this idempotency key was used for a different request",
             reason="IDEMPOTENCY_KEY_REUSED",
         )
+    if leased:
+        return None
     replayed = replay(payment)
     if replayed is not None:
         return replayed
@@ -491,27 +499,31 @@ class _Payment:
         recipient_wallet: asyncpg.Record,
         reservation_id: uuid.UUID | None,
         review_seconds: int = 900,
+        recipient_accounts: Mapping[str, uuid.UUID] | None = None,
     ) -> None:
         self.pool, self.peers, self.pid, self.cmd = pool, peers, pid, cmd
         self.review_seconds = review_seconds
         self.currency = currency
         self.sender_wallet, self.sender_accounts = sender_wallet, sender_accounts
-        self.recipient_wallet = recipient_wallet
+        self.recipient_wallet, self.recipient_accounts = recipient_wallet, recipient_accounts
+        self.cache_fresh = False
         self.reservation_id = str(reservation_id) if reservation_id else None
 
     async def drive(self, *, resumed: bool) -> TransferOutcome:
         placed = await self.peers.lookup_transfer(self.pid) if resumed else None
         if placed is None:
             placed = await self._move_money()
+            # Its balances were invalidated as the ledger answered.
+            self.cache_fresh = True
         return await self.settle(placed)
 
     async def settle(self, placed: ledger_pb2.Transfer) -> TransferOutcome:
         """Finishes the payment from its transfer as the ledger stored it."""
         if placed.type != ledger_pb2.TRANSFER_TYPE_PENDING:
-            return await self._complete()
+            return await self._complete(held=False)
         # A review hold: the payer confirms with their PIN, or it expires.
         if placed.status == ledger_pb2.TRANSFER_STATUS_PENDING_POSTED:
-            return await self._complete()
+            return await self._complete(held=True)
         if placed.status != ledger_pb2.TRANSFER_STATUS_PENDING:
             await self._give_up_review()
         return await self._await_review(placed)
@@ -561,7 +573,7 @@ class _Payment:
         )  # fmt: skip
 
         recipient_account = await ensure_wallet_account(
-            self.pool, self.peers, self.recipient_wallet, self.currency
+            self.pool, self.peers, self.recipient_wallet, self.currency, self.recipient_accounts
         )
         result = await self.peers.create_transfer(
             ledger_pb2.Transfer(
@@ -614,8 +626,9 @@ class _Payment:
             raise TransactionDeclined("the transaction was declined")
         return bool(verdict.decision == fraud_pb2.DECISION_REVIEW)
 
-    async def _complete(self) -> TransferOutcome:
-        """The money has moved: count the spend and record the outcome."""
+    async def _complete(self, *, held: bool) -> TransferOutcome:
+        """The money has moved: count the spend and record the outcome
+        (``held``: after a review hold, whose history rows exist already)."""
         await commit_spend(
             self.peers,
             self.pid,
@@ -627,7 +640,8 @@ class _Payment:
         )
         balance = await complete_p2p(
             self.pool, self.peers, self.pid, self.sender_wallet, self.recipient_wallet,
-            self.cmd.amount, self.currency, self.cmd.note,
+            self.cmd.amount, self.currency, self.cmd.note, held=held,
+            cache_fresh=self.cache_fresh,
         )  # fmt: skip
         log.info("transfer_completed", transfer_id=str(self.pid), amount=self.cmd.amount,
                  currency=self.currency)  # fmt: skip
@@ -669,22 +683,31 @@ async def complete_p2p(
     amount: int,
     currency: str,
     note: str,
+    *,
+    held: bool,
+    cache_fresh: bool = False,
 ) -> int:
     """Records a P2P payment whose money moved: both wallets' history and
     the payment's outcome, in one transaction. Returns the sender's available
-    balance afterwards."""
+    balance afterwards. ``held``: the money moved by posting a review hold,
+    so the sender's history row exists already and is completed here (a
+    payment never held has no rows but those this call writes).
+    ``cache_fresh``: the caller moved the money a moment ago and its balances
+    were invalidated as the ledger answered."""
     sender_account = wallet_account_id(sender_wallet["wallet_id"], currency)
     recipient_account = wallet_account_id(recipient_wallet["wallet_id"], currency)
-    # The money may have moved long after the write that invalidated these
-    # (a timed-out call the ledger applied late): read them fresh.
-    await peers.cache.invalidate([sender_account, recipient_account])
+    if not cache_fresh:
+        # The money may have moved long after the write that invalidated
+        # these (a timed-out call the ledger applied late): read them fresh.
+        await peers.cache.invalidate([sender_account, recipient_account])
     balances = await peers.balances([sender_account, recipient_account])
     sender_balance = balances[str(sender_account)]
     recipient_balance = balances.get(str(recipient_account))
     async with pool.acquire() as conn:
-        sender = await store.fetch_user(conn, sender_wallet["user_id"])
-        recipient = await store.fetch_user(conn, recipient_wallet["user_id"])
-        assert sender is not None and recipient is not None
+        users = await store.fetch_users(
+            conn, [sender_wallet["user_id"], recipient_wallet["user_id"]]
+        )
+        sender, recipient = users[sender_wallet["user_id"]], users[recipient_wallet["user_id"]]
         async with conn.transaction():
             await history.record(
                 conn,
@@ -704,20 +727,21 @@ async def complete_p2p(
                     balance_after=recipient_balance.posted if recipient_balance else None,
                 ),
             )  # fmt: skip
-            # A payment confirmed after review already had its sender's row.
-            await history.set_status(
-                conn,
-                pid,
-                "COMPLETED",
-                {
-                    sender_wallet["wallet_id"]: sender_balance.posted,
-                    **(
-                        {recipient_wallet["wallet_id"]: recipient_balance.posted}
-                        if recipient_balance
-                        else {}
-                    ),
-                },
-            )
+            if held:
+                # A payment confirmed after review already had its sender's row.
+                await history.set_status(
+                    conn,
+                    pid,
+                    "COMPLETED",
+                    {
+                        sender_wallet["wallet_id"]: sender_balance.posted,
+                        **(
+                            {recipient_wallet["wallet_id"]: recipient_balance.posted}
+                            if recipient_balance
+                            else {}
+                        ),
+                    },
+                )
             await store.complete_payment(conn, pid, sender_balance.available)
     await repay_debts_after_incoming(pool, peers, recipient_wallet["wallet_id"], currency)
     return int(sender_balance.available)
@@ -847,9 +871,17 @@ async def reconcile_forever(pool: asyncpg.Pool, peers: Peers, every_seconds: flo
 
 
 async def ensure_wallet_account(
-    pool: asyncpg.Pool, peers: Peers, wallet: asyncpg.Record, currency: str
+    pool: asyncpg.Pool,
+    peers: Peers,
+    wallet: asyncpg.Record,
+    currency: str,
+    known: Mapping[str, uuid.UUID] | None = None,
 ) -> uuid.UUID:
-    """The wallet's ledger account in ``currency``, opened on first use."""
+    """The wallet's ledger account in ``currency``, opened on first use.
+    ``known``: the wallet's accounts as read a moment ago (accounts are never
+    removed, so one found there needs no second look)."""
+    if known and currency in known:
+        return known[currency]
     account_id = wallet_account_id(wallet["wallet_id"], currency)
     async with pool.acquire() as conn:
         accounts = await store.wallet_accounts(conn, wallet["wallet_id"])
@@ -1007,7 +1039,8 @@ async def confirm_transfer(
         await commit_spend(peers, pid, reservation, sender_wallet, payment["amount"],
                            payment["currency"], "P2P")  # fmt: skip
         balance = await complete_p2p(pool, peers, pid, sender_wallet, recipient_wallet,
-                                     payment["amount"], payment["currency"], payment["note"])  # fmt: skip
+                                     payment["amount"], payment["currency"], payment["note"],
+                                     held=True)  # fmt: skip
     finally:
         async with pool.acquire() as conn:
             await store.release_lease(conn, pid)

@@ -14,7 +14,7 @@ from datetime import datetime
 import asyncpg
 
 from services.common import outbox
-from services.common.db import DbConn
+from services.common.db import DbConn, atomic
 from services.common.errors import InvalidArgument
 from services.common.money import to_major_units
 from services.common.paging import decode_cursor, encode_cursor, page_size
@@ -56,11 +56,10 @@ class Movement:
     balance_after: int | None = None
 
 
-async def _completed(conn: DbConn, row: asyncpg.Record) -> None:
-    """TransactionCompleted for a completed history row, in the row's
+def _completed(row: asyncpg.Record) -> outbox.OutboxEvent:
+    """TransactionCompleted for a completed history row, added in the row's
     transaction, once per row."""
-    await outbox.add_event(
-        conn,
+    return outbox.OutboxEvent(
         event_id=uuid.uuid5(NAMESPACE, f"transaction-completed:{row['txn_id']}"),
         event_type="TransactionCompleted",
         routing_key="transaction.completed",
@@ -80,36 +79,46 @@ async def _completed(conn: DbConn, row: asyncpg.Record) -> None:
 
 
 async def record(conn: DbConn, *movements: Movement) -> None:
-    """Records movements once each (a retry records nothing new). A movement
-    recorded as COMPLETED announces itself through the outbox."""
-    async with conn.transaction():
-        for m in movements:
-            await _record_one(conn, m)
-
-
-async def _record_one(conn: DbConn, m: Movement) -> None:
-    assert m.type in TYPES and m.status in STATUSES and m.amount != 0
-    row = await conn.fetchrow(
-        f"""
+    """Records movements once each (a retry records nothing new), in one
+    statement. A movement recorded as COMPLETED announces itself through the
+    outbox, in the order given."""
+    for m in movements:
+        assert m.type in TYPES and m.status in STATUSES and m.amount != 0
+    ids = [txn_id(m.ledger_transfer_id, m.wallet_id) for m in movements]
+    async with atomic(conn):
+        rows = await conn.fetch(
+            f"""
             INSERT INTO transactions ({_COLUMNS})
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now(), now())
+            SELECT id, w, ty, am, cu, st, cp, de, re, lt, ba, now(), now()
+              FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[],
+                          $6::text[], $7::text[], $8::text[], $9::text[], $10::uuid[],
+                          $11::bigint[])
+                   WITH ORDINALITY AS u(id, w, ty, am, cu, st, cp, de, re, lt, ba, n)
+             ORDER BY n
             ON CONFLICT DO NOTHING
             RETURNING {_COLUMNS}
             """,
-        txn_id(m.ledger_transfer_id, m.wallet_id),
-        m.wallet_id,
-        m.type,
-        m.amount,
-        m.currency,
-        m.status,
-        m.counterparty[:200],
-        m.description[:500],
-        m.reference_id[:200],
-        m.ledger_transfer_id,
-        m.balance_after,
-    )
-    if row is not None and row["status"] == "COMPLETED":
-        await _completed(conn, row)
+            ids,
+            [m.wallet_id for m in movements],
+            [m.type for m in movements],
+            [m.amount for m in movements],
+            [m.currency for m in movements],
+            [m.status for m in movements],
+            [m.counterparty[:200] for m in movements],
+            [m.description[:500] for m in movements],
+            [m.reference_id[:200] for m in movements],
+            [m.ledger_transfer_id for m in movements],
+            [m.balance_after for m in movements],
+        )
+        inserted = {row["txn_id"]: row for row in rows}
+        await outbox.add_events(
+            conn,
+            [
+                _completed(inserted[i])
+                for i in ids
+                if i in inserted and inserted[i]["status"] == "COMPLETED"
+            ],
+        )
 
 
 async def set_status(
@@ -121,7 +130,7 @@ async def set_status(
     """Moves every wallet's row of a transfer to ``status`` (a hold posted,
     voided, reversed ...), with each wallet's balance after when known."""
     assert status in STATUSES
-    async with conn.transaction():
+    async with atomic(conn):
         changed = await conn.fetch(
             f"""
             UPDATE transactions AS t
@@ -141,8 +150,7 @@ async def set_status(
             list((balance_after or {}).values()),
         )
         if status == "COMPLETED":
-            for row in changed:
-                await _completed(conn, row)
+            await outbox.add_events(conn, [_completed(row) for row in changed])
 
 
 @dataclass(frozen=True)

@@ -516,6 +516,7 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                 amount=what.amount,
                 currency=what.currency,
                 note=reference or "",
+                lease_seconds=handlers.LEASE_SECONDS,
             )
             if fresh:
                 await conn.execute(
@@ -533,7 +534,7 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                     await _claim_qr_reference(conn, merchant_id, reference, pid)
         payer_accounts = await store.wallet_accounts(conn, wallet["wallet_id"])
 
-    replayed = await handlers.admit_attempt(pool, payment, pid, fingerprint, _replay)
+    replayed = await handlers.admit_attempt(pool, payment, pid, fingerprint, _replay, leased=fresh)
     if replayed is not None:
         return replayed
     step = _MerchantPayment(

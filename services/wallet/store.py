@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
@@ -69,6 +70,16 @@ async def fetch_user(conn: DbConn, user_id: uuid.UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE user_id = $1", user_id)
 
 
+async def fetch_users(
+    conn: DbConn, user_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, asyncpg.Record]:
+    """Users by id, in one round trip; an unknown id is missing."""
+    rows = await conn.fetch(
+        f"SELECT {_USER_COLUMNS} FROM users WHERE user_id = ANY($1::uuid[])", list(user_ids)
+    )
+    return {row["user_id"]: row for row in rows}
+
+
 async def find_user(conn: DbConn, *, by: str, value: str) -> asyncpg.Record | None:
     """A user by email, phone or username (email and username ignore case)."""
     where = {
@@ -130,6 +141,29 @@ async def fetch_wallet(
     return await conn.fetchrow(f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE user_id = $1", user_id)
 
 
+async def fetch_wallet_and_accounts(
+    conn: DbConn, user_id: uuid.UUID
+) -> tuple[asyncpg.Record | None, dict[str, uuid.UUID]]:
+    """The user's wallet and its ledger accounts by currency (as
+    ``wallet_accounts``), in one round trip."""
+    row = await conn.fetchrow(
+        f"""
+        SELECT {", ".join("w." + c.strip() for c in _WALLET_COLUMNS.split(","))},
+               array_agg(a.currency ORDER BY a.created_at, a.currency)
+                   FILTER (WHERE a.currency IS NOT NULL) AS account_currencies,
+               array_agg(a.ledger_account_id ORDER BY a.created_at, a.currency)
+                   FILTER (WHERE a.currency IS NOT NULL) AS account_ids
+          FROM wallets w LEFT JOIN wallet_accounts a ON a.wallet_id = w.wallet_id
+         WHERE w.user_id = $1
+         GROUP BY w.wallet_id
+        """,
+        user_id,
+    )
+    if row is None:
+        return None, {}
+    return row, dict(zip(row["account_currencies"] or (), row["account_ids"] or (), strict=True))
+
+
 async def wallet_accounts(conn: DbConn, wallet_id: uuid.UUID) -> dict[str, uuid.UUID]:
     rows = await conn.fetch(
         "SELECT currency, ledger_account_id FROM wallet_accounts WHERE wallet_id = $1"
@@ -151,16 +185,28 @@ async def claim_payment(
     amount: int,
     currency: str,
     note: str,
+    lease_seconds: float,
 ) -> tuple[asyncpg.Record, bool]:
-    """Records the payment as PROCESSING, or returns the one recorded under
-    the same idempotency key. The second value says whether this call
-    recorded it."""
-    status = await conn.execute(
-        """
-        INSERT INTO payments (payment_id, kind, sender_user_id, idempotency_key, request_hash,
-                              recipient_user_id, amount, currency, note, status)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING')
-        ON CONFLICT DO NOTHING
+    """Records the payment as PROCESSING, leased to this attempt, or returns
+    the one recorded under the same idempotency key (whose lease the caller
+    has yet to take). The second value says whether this call recorded it.
+    One round trip; two when the key's first payment committed while this
+    statement ran (invisible to its snapshot)."""
+    row = await conn.fetchrow(
+        f"""
+        WITH new AS (
+            INSERT INTO payments (payment_id, kind, sender_user_id, idempotency_key,
+                                  request_hash, recipient_user_id, amount, currency, note,
+                                  status, lease_until)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING',
+                    now() + make_interval(secs => $10))
+            ON CONFLICT DO NOTHING
+            RETURNING {_PAYMENT_COLUMNS}, true AS fresh
+        )
+        SELECT * FROM new
+        UNION ALL
+        SELECT {_PAYMENT_COLUMNS}, false FROM payments
+         WHERE sender_user_id = $3 AND idempotency_key = $4 AND NOT EXISTS (SELECT FROM new)
         """,
         payment_id,
         kind,
@@ -171,14 +217,18 @@ async def claim_payment(
         amount,
         currency,
         note,
+        lease_seconds,
     )
-    row = await conn.fetchrow(
-        f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE sender_user_id = $1 AND idempotency_key = $2",
-        sender_user_id,
-        idempotency_key,
-    )
-    assert row is not None
-    return row, status.endswith(" 1")
+    if row is None:
+        row = await conn.fetchrow(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments"
+            " WHERE sender_user_id = $1 AND idempotency_key = $2",
+            sender_user_id,
+            idempotency_key,
+        )
+        assert row is not None
+        return row, False
+    return row, bool(row["fresh"])
 
 
 async def take_lease(conn: DbConn, payment_id: uuid.UUID, seconds: float) -> bool:

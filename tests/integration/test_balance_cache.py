@@ -21,11 +21,13 @@ class Ledger:
     def __init__(self) -> None:
         self.available: dict[str, int] = {}
         self.calls = 0
+        self.asked: list[uuid.UUID] = []
         self.hold: asyncio.Event | None = None
         self.called = asyncio.Event()
 
     async def fetch(self, accounts: Sequence[uuid.UUID]) -> dict[str, ledger_pb2.Balance]:
         self.calls += 1
+        self.asked = list(accounts)
         self.called.set()
         snapshot = {str(a): self.available.get(str(a), 0) for a in accounts}
         if self.hold is not None:
@@ -86,6 +88,28 @@ async def test_a_slow_read_overtaken_by_a_write_does_not_cache_the_old_balance(
 
     assert stale[str(account)].available == 500  # what it read, answered once
     assert fresh[str(account)].available == 300  # but never cached
+
+
+async def test_a_read_of_several_accounts_caches_those_no_write_overtook_and_only_those(
+    cache: BalanceCache,
+) -> None:
+    ledger, quiet, written = Ledger(), uuid.uuid4(), uuid.uuid4()
+    ledger.available.update({str(quiet): 700, str(written): 500})
+    ledger.hold = asyncio.Event()
+    slow = asyncio.create_task(cache.balances([quiet, written], ledger.fetch))
+    await asyncio.wait_for(ledger.called.wait(), 5)
+
+    ledger.available[str(written)] = 300
+    await cache.invalidate([written])
+    ledger.hold.set()
+    await slow
+    ledger.hold, calls = None, ledger.calls
+    again = await cache.balances([quiet, written], ledger.fetch)
+
+    assert again[str(quiet)].available == 700
+    assert again[str(written)].available == 300
+    # Only the overtaken account was asked for again.
+    assert (ledger.calls, ledger.asked) == (calls + 1, [written])
 
 
 async def test_with_redis_unreachable_reads_go_to_the_ledger_and_nothing_fails() -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
+
 from services.common.errors import AlreadyExists
-from services.wallet import handlers
+from services.wallet import handlers, store
 from tests.conftest import TestRun, service_pool
 
 
@@ -55,5 +57,38 @@ async def test_another_user_with_a_taken_email_is_refused_even_concurrently(
         refused = [r for r in results if isinstance(r, AlreadyExists)]
         assert len(refused) == 1 and refused[0].reason == "EMAIL_TAKEN"
         assert await pool.fetchval("SELECT count(*) FROM users WHERE lower(email) = $1", email) == 1
+    finally:
+        await pool.close()
+
+
+async def claim(pool: asyncpg.Pool, sender: uuid.UUID, key: str) -> tuple[asyncpg.Record, bool]:
+    async with pool.acquire() as conn:
+        return await store.claim_payment(
+            conn, payment_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{sender}:{key}"), kind="P2P",
+            sender_user_id=sender, idempotency_key=key, request_hash="h", recipient_user_id=None,
+            amount=100, currency="EUR", note="", lease_seconds=30,
+        )  # fmt: skip
+
+
+async def test_a_payment_is_claimed_once_per_key_and_leased_to_the_attempt_that_recorded_it(
+    test_run: TestRun,
+) -> None:
+    pool = await service_pool(test_run, "wallet", database="wallet_claims")
+    try:
+        user = await handlers.create_user(pool, command(str(uuid.uuid4())))
+        sender: uuid.UUID = user["user_id"]
+        for round_ in range(20):
+            key = f"key-{round_}"
+            claims = await asyncio.gather(*(claim(pool, sender, key) for _ in range(5)))
+            assert [fresh for _, fresh in claims].count(True) == 1
+            assert {row["payment_id"] for row, _ in claims} == {claims[0][0]["payment_id"]}
+            leased = await pool.fetchval(
+                "SELECT lease_until > now() FROM payments WHERE payment_id = $1",
+                claims[0][0]["payment_id"],
+            )
+            assert leased is True
+            # So no other attempt can take it while the first is at work.
+            async with pool.acquire() as conn:
+                assert not await store.take_lease(conn, claims[0][0]["payment_id"], 30)
     finally:
         await pool.close()
