@@ -120,6 +120,10 @@ clean: ## Remove generated code and caches (keeps .venv).
 demo: protos ## Seed demo users on a running mesh (make run) and print curl commands.
 	@$(PY) deploy/local/demo.py
 
+.PHONY: bench-floor
+bench-floor: protos infra ## The floor: a bare gRPC call, a SELECT 1, a Redis PING on this machine (bench/results/floor.json).
+	$(PY) -m bench.floor
+
 .PHONY: bench-ledger
 bench-ledger: protos infra ## The ledger benchmark: ours against a naive baseline (bench/results/ledger.json).
 	$(PY) -m bench.ledger

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import budget, fraud, gateway, history, ledger, report
+from bench import budget, floor, fraud, gateway, history, ledger, report
 
 
 def main() -> None:
-    for benchmark in (ledger, history, budget, fraud, gateway):
+    for benchmark in (floor, ledger, history, budget, fraud, gateway):
         sys.argv = [sys.argv[0]]  # each with its defaults
         benchmark.main()
     report.main()
