@@ -111,8 +111,7 @@ async def hot_path(
             at = timed("redis_script", at)
             verdict = assess(tx, history, hits, service.rules, service.model)
             at = timed("rules_and_model", at)
-            async with pool.acquire() as conn:
-                await store.record_decision(conn, tx, verdict)
+            await service.recorder.record(tx, verdict)
             timed("record_decision", at)
     finally:
         await redis.aclose()

@@ -40,7 +40,7 @@ from services.fraud.domain import (
     assess,
     read_transaction,
 )
-from services.fraud.store import HistoryUnavailable, ListCache, VelocityStore
+from services.fraud.store import DecisionRecorder, HistoryUnavailable, ListCache, VelocityStore
 
 __all__ = ["FraudService", "ScoreCommand"]
 
@@ -76,6 +76,7 @@ class FraudService:
         self.rules = rules
         self.clock = clock
         self.lists = ListCache()
+        self.recorder = DecisionRecorder(pool)
         self.model: Model | None = None
         self.model_id = 0
 
@@ -141,13 +142,12 @@ class FraudService:
             log.debug("scored_without_velocity_store", error=str(exc)[:200])
         verdict = assess(tx, history, hits, self.rules, self.model)
         try:
-            async with self.pool.acquire() as conn:
-                inserted, review_id = await store.record_decision(conn, tx, verdict)
-                prior = None if inserted else await store.fetch_decision(conn, tx.transaction_id)
+            recorded = await self.recorder.record(tx, verdict)
         except _DB_DOWN as exc:
             raise Unavailable(
                 "fraud decisions cannot be recorded now", reason="FRAUD_STORE_UNAVAILABLE"
             ) from exc
+        prior, review_id = recorded.prior, recorded.review_id
         if prior is not None:
             if (prior["user_id"], prior["amount"], prior["currency"]) != (
                 tx.user_id, tx.amount, tx.currency,

@@ -4,17 +4,21 @@ models in PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
+from prometheus_client import Histogram
 
 from services.common.db import DbConn
 from services.fraud.domain import (
@@ -32,6 +36,12 @@ from services.fraud.domain import (
 )
 
 log = structlog.get_logger("moneta.fraud")
+
+DECISION_BATCH = Histogram(
+    "moneta_fraud_decision_batch_size",
+    "Decisions recorded by one statement and one commit.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 
 
 class HistoryUnavailable(Exception):
@@ -326,48 +336,224 @@ async def _flag_history(
 # ---------------------------------------------------------------- decisions
 
 
-async def record_decision(
-    conn: DbConn, tx: Transaction, verdict: Verdict
-) -> tuple[bool, uuid.UUID | None]:
-    """Stores the decision (and its review case, for a REVIEW) in one
-    statement; (False, None) when the transaction was scored before."""
+_DECISION_COLUMNS = """transaction_id, user_id, type, amount, currency, score, decision, reasons,
+    features, model_version, recipient_kind, recipient_id, device_id, ip, country, latitude,
+    longitude, occurred_at, degraded"""
+
+
+def _recording(rows: str) -> str:
+    """The statement that records decisions: those not recorded before (a
+    transaction id already stored is skipped, not overwritten) and a review
+    case for each new REVIEW; it answers the transactions recorded now."""
+    return f"""
+    WITH d AS (
+        INSERT INTO decisions ({_DECISION_COLUMNS})
+        {rows}
+        ON CONFLICT (transaction_id) DO NOTHING
+        RETURNING transaction_id, decision
+    ), r AS (
+        INSERT INTO reviews (transaction_id) SELECT transaction_id FROM d WHERE decision = 2
+        RETURNING transaction_id, review_id
+    )
+    SELECT d.transaction_id, r.review_id FROM d LEFT JOIN r USING (transaction_id)
+    """
+
+
+# One decision: plain parameters, the cheapest for the database and the driver.
+_RECORD_ONE = _recording(
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
+    " to_timestamp($18), $19)"
+)
+# Many: one array per column, whatever their number (one prepared statement);
+# the JSON columns come as text and the time as seconds.
+_ARRAY_COLUMNS = (
+    _DECISION_COLUMNS.replace("reasons,", "reasons::jsonb,")
+    .replace("features,", "features::jsonb,")
+    .replace("occurred_at,", "to_timestamp(occurred_at),")
+)
+_RECORD_MANY = _recording(
+    f"""SELECT {_ARRAY_COLUMNS}
+          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[],
+                      $6::float8[], $7::smallint[], $8::text[], $9::text[], $10::text[],
+                      $11::smallint[], $12::text[], $13::text[], $14::text[], $15::text[],
+                      $16::float8[], $17::float8[], $18::float8[], $19::bool[])
+               AS b({_DECISION_COLUMNS})"""
+)
+
+
+async def record_decisions(
+    conn: DbConn, decisions: Sequence[tuple[Transaction, Verdict]]
+) -> dict[uuid.UUID, uuid.UUID | None]:
+    """Stores the decisions (and a review case for each REVIEW) in one
+    statement, committed as one. Answers the transactions recorded now, each
+    with its review case; a transaction scored before is not among them.
+    Each transaction id may appear once."""
+    rows = [_decision_row(tx, verdict) for tx, verdict in decisions]
+    if len(rows) == 1:
+        found = await conn.fetch(_RECORD_ONE, *rows[0])
+    else:
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        for json_column in (7, 8):  # reasons, features: as text, cast in SQL
+            columns[json_column] = [_json_text(v) for v in columns[json_column]]
+        found = await conn.fetch(_RECORD_MANY, *columns)
+    return {row["transaction_id"]: row["review_id"] for row in found}
+
+
+def _decision_row(tx: Transaction, verdict: Verdict) -> tuple[Any, ...]:
     lat, lon = tx.location if tx.location is not None else (None, None)
-    row = await conn.fetchrow(
-        """
-        WITH d AS (
-            INSERT INTO decisions (transaction_id, user_id, type, amount, currency, score,
-                                   decision, reasons, features, model_version, recipient_kind,
-                                   recipient_id, device_id, ip, country, latitude, longitude,
-                                   occurred_at, degraded)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                    to_timestamp($18), $19)
-            ON CONFLICT (transaction_id) DO NOTHING
-            RETURNING transaction_id
-        ), r AS (
-            INSERT INTO reviews (transaction_id) SELECT transaction_id FROM d WHERE $7 = 2
-            RETURNING review_id
-        )
-        SELECT EXISTS (SELECT 1 FROM d) AS inserted, (SELECT review_id FROM r) AS review_id
-        """,
+    return (
         tx.transaction_id, tx.user_id, tx.type, tx.amount, tx.currency, verdict.score,
         int(verdict.decision), [asdict(r) for r in verdict.reasons], dict(verdict.features),
         verdict.model_version, int(tx.recipient_kind), tx.recipient_id, tx.device_id, tx.ip,
         tx.country, lat, lon, tx.at, verdict.degraded,
     )  # fmt: skip
-    assert row is not None
-    return bool(row["inserted"]), row["review_id"]
 
 
-async def fetch_decision(conn: DbConn, transaction_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow(
+def _json_text(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def fetch_decisions(
+    conn: DbConn, transaction_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, asyncpg.Record]:
+    rows = await conn.fetch(
         """
-        SELECT d.user_id, d.amount, d.currency, d.score, d.decision, d.reasons, d.features,
-               d.model_version, d.degraded, r.review_id
+        SELECT d.transaction_id, d.user_id, d.amount, d.currency, d.score, d.decision, d.reasons,
+               d.features, d.model_version, d.degraded, r.review_id
           FROM decisions d LEFT JOIN reviews r USING (transaction_id)
-         WHERE d.transaction_id = $1
+         WHERE d.transaction_id = ANY($1::uuid[])
         """,
-        transaction_id,
+        list(transaction_ids),
     )
+    return {row["transaction_id"]: row for row in rows}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A decision recorded: its review case when it opened one; or, when its
+    transaction was scored before, the decision stored then (``prior``)."""
+
+    review_id: uuid.UUID | None = None
+    prior: asyncpg.Record | None = None
+
+
+@dataclass
+class _Pending:
+    tx: Transaction
+    verdict: Verdict
+    answer: asyncio.Future[Recorded]
+
+
+class DecisionRecorder:
+    """Records decisions durably, many to a commit (group commit).
+
+    A decision waits while a batch is being written; when that batch has
+    committed, everything that waited meanwhile is written in one statement
+    and one commit. Every caller is answered only once its own decision is
+    committed, so the answer to a Score is never ahead of its record. Under
+    light load a batch is one decision and costs what writing it alone did;
+    under heavy load many Scores share one round trip and one WAL flush.
+
+    A batch the database refuses as a whole (a constraint, bad data) is
+    written again one decision at a time, so that one bad decision fails its
+    own caller only; a lost connection fails the batch's callers, whose
+    retries find what was committed. A caller that gives up does not stop
+    its decision from being recorded: it is kept, as the velocity store kept
+    the transaction, and a retry answers it."""
+
+    def __init__(self, pool: asyncpg.Pool, max_batch: int = 500) -> None:
+        self._pool = pool
+        self._max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def record(self, tx: Transaction, verdict: Verdict) -> Recorded:
+        answer: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(tx, verdict, answer))
+        if self._writer is None:
+            # A context of its own: the writer serves many requests, not the first one's.
+            self._writer = asyncio.create_task(self._write_all(), context=contextvars.Context())
+        return await answer
+
+    async def _write_all(self) -> None:
+        try:
+            while self._queue:
+                batch = self._next_batch()
+                try:
+                    await self._write(batch)
+                except BaseException as exc:
+                    for item in batch:
+                        _answer(item, exc)
+                    if not isinstance(exc, Exception):
+                        raise
+        finally:
+            self._writer = None
+            for item in self._queue:  # left only when the writer itself was cancelled
+                _answer(item, asyncio.CancelledError())
+            self._queue.clear()
+
+    def _next_batch(self) -> list[_Pending]:
+        """The oldest waiting decisions, one per transaction id: a second
+        scoring of one transaction waits for the next batch, where it finds
+        the first recorded."""
+        batch: list[_Pending] = []
+        rest: list[_Pending] = []
+        ids: set[uuid.UUID] = set()
+        for item in self._queue:
+            if len(batch) < self._max_batch and item.tx.transaction_id not in ids:
+                ids.add(item.tx.transaction_id)
+                batch.append(item)
+            else:
+                rest.append(item)
+        self._queue = rest
+        return batch
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        DECISION_BATCH.observe(len(batch))
+        async with self._pool.acquire() as conn:
+            try:
+                recorded = await record_decisions(conn, [(i.tx, i.verdict) for i in batch])
+            except asyncpg.PostgresError as exc:
+                if len(batch) == 1 or isinstance(exc, _CONNECTION_LOST):
+                    raise
+                log.warning("decision_batch_refused", size=len(batch), error=str(exc)[:200])
+                for item in batch:
+                    await self._write_alone(conn, item)
+                return
+            again = [i.tx.transaction_id for i in batch if i.tx.transaction_id not in recorded]
+            prior = await fetch_decisions(conn, again) if again else {}
+        for item in batch:
+            tid = item.tx.transaction_id
+            _answer(
+                item, Recorded(recorded[tid]) if tid in recorded else Recorded(prior=prior[tid])
+            )
+
+    async def _write_alone(self, conn: DbConn, item: _Pending) -> None:
+        tid = item.tx.transaction_id
+        try:
+            recorded = await record_decisions(conn, [(item.tx, item.verdict)])
+            if tid in recorded:
+                _answer(item, Recorded(recorded[tid]))
+            else:
+                _answer(item, Recorded(prior=(await fetch_decisions(conn, [tid]))[tid]))
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _CONNECTION_LOST):
+                raise
+            _answer(item, exc)
+
+
+_CONNECTION_LOST = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)
+
+
+def _answer(item: _Pending, outcome: Recorded | BaseException) -> None:
+    if item.answer.done():  # its caller gave up
+        return
+    if isinstance(outcome, asyncio.CancelledError):
+        item.answer.cancel()
+    elif isinstance(outcome, BaseException):
+        item.answer.set_exception(outcome)
+    else:
+        item.answer.set_result(outcome)
 
 
 async def report_fraud(conn: DbConn, transaction_id: uuid.UUID, reason: str, actor: str) -> bool:
