@@ -27,18 +27,15 @@ async def start(settings: FraudSettings) -> AsyncIterator[GrpcService]:
     )
     redis = redis_client(settings.redis_url)
     rules = settings.rules()
+    velocity = VelocityStore(
+        redis,
+        settings.redis_prefix,
+        rules,
+        history_days=settings.fraud_history_days,
+        retry_seconds=settings.fraud_redis_retry_seconds,
+    )
     try:
-        service = FraudService(
-            pool,
-            VelocityStore(
-                redis,
-                settings.redis_prefix,
-                rules,
-                history_days=settings.fraud_history_days,
-                retry_seconds=settings.fraud_redis_retry_seconds,
-            ),
-            rules,
-        )
+        service = FraudService(pool, velocity, rules)
         # Without a stored model the service scores on its rules alone
         # (model_version "rules-only") until `train` stores one.
         await service.refresh()
@@ -62,6 +59,7 @@ async def start(settings: FraudSettings) -> AsyncIterator[GrpcService]:
             background=[keep_fresh, expire_reviews],
         )
     finally:
+        await velocity.close()
         await redis.aclose()
         await pool.close()
 

@@ -21,6 +21,7 @@ import structlog
 from prometheus_client import Histogram
 
 from services.common.db import DbConn
+from services.common.resp import RespConnection, Script
 from services.fraud.domain import (
     History,
     ListHits,
@@ -55,7 +56,7 @@ class HistoryUnavailable(Exception):
 # are the recipient's first-paid time and distinct payers. Times are integer
 # milliseconds: Lua prints doubles with 14 digits, which a millisecond epoch
 # fits exactly.
-OBSERVE = """
+OBSERVE = Script("""
 local now = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[13])
 local first = 0
@@ -110,7 +111,7 @@ end
 
 return {first, counts[1], counts[2], amounts, device[1], device[2], country[1], country[2],
         last[1], last[2], last[3], payee[1], since, payers}
-"""
+""")
 
 _REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
 
@@ -134,7 +135,9 @@ class VelocityStore:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._prefix = f"{prefix}fraud:"
-        self._script = client.register_script(OBSERVE)
+        # The client's server and settings, on a pipelined connection of the
+        # store's own: the script runs on every Score (see services.common.resp).
+        self._redis = RespConnection.like(client)
         self._rules = rules
         self._ttl_ms = history_days * 86_400_000
         self._retry_seconds = retry_seconds
@@ -157,6 +160,9 @@ class VelocityStore:
             f"{recipient}payers:{r.recipient_window_seconds}",
         ]
 
+    async def close(self) -> None:
+        await self._redis.close()
+
     async def observe(self, tx: Transaction) -> History:
         """Records the transaction and answers what was known before it."""
         if self._monotonic() < self._down_until:
@@ -167,9 +173,10 @@ class VelocityStore:
         fan_in = tx.recipient_id if tx.recipient_kind == RecipientKind.USER else ""
         lat, lon = tx.location if tx.location is not None else ("", "")
         try:
-            raw = await self._script(
-                keys=self.keys(tx, fan_in),
-                args=[
+            raw = await self._redis.run(
+                OBSERVE,
+                self.keys(tx, fan_in),
+                [
                     str(tx.transaction_id), round(tx.at * 1000), r.short_window_seconds * 1000,
                     r.long_window_seconds * 1000, tx.amount, r.typical_amounts_kept,
                     tx.device_id, tx.country, repr(lat) if lat != "" else "",
