@@ -260,6 +260,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "c_single_hot": (pairs(hot, args.single_transfers, rng), 1, args.clients),
                 }
                 for name, (work, size, clients) in scenarios.items():
+                    if args.scenarios and name[0] not in args.scenarios:
+                        continue
                     runs_ours, runs_base = [], []
                     for attempt in range(args.runs):
                         batches = [work[i : i + size] for i in range(0, len(work), size)]
@@ -386,6 +388,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1, help="ledger processes on one port")
     parser.add_argument("--channels", type=int, default=8, help="client connections")
+    parser.add_argument(
+        "--scenarios", default="", help="letters of the scenarios to run (say ab); all by default"
+    )
     args = parser.parse_args()
     results = asyncio.run(run(args))
     results["config"] = {k: v for k, v in vars(args).items()}
