@@ -27,7 +27,7 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
         settings.database_url("ledger"), settings.db_pool_min, settings.db_pool_max
     )
     try:
-        engine = TransferEngine(pool)
+        engine = TransferEngine(pool, pipelined=settings.ledger_pipeline)
         api = LedgerApi(pool, engine)
 
         async def sweep() -> None:
@@ -51,7 +51,7 @@ async def start(settings: LedgerSettings) -> AsyncIterator[GrpcService]:
             service_names=[SERVICE_NAME],
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.ledger_metrics_port,
-            background=[*[engine.run] * settings.ledger_writers, sweep, partitions],
+            background=[engine.run, sweep, partitions],
         )
     finally:
         await pool.close()

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-from pydantic import Field
-
 from services.common.config import CommonSettings
 
 
 class LedgerSettings(CommonSettings):
     ledger_port: int = 50051
     ledger_metrics_port: int = 9101
-    # Batches in flight at once per process (each on its own connection).
-    ledger_writers: int = Field(default=1, ge=1, le=8)
+    # One batch is prepared while the one before it is written
+    # (services/ledger/engine.py); false: one batch at a time, as before.
+    ledger_pipeline: bool = True

@@ -534,6 +534,15 @@ class BatchResult:
     entries: list[Entry]
     # Final balances of every account the batch changed.
     touched: dict[uuid.UUID, AccountState]
+    # What the batch's decisions rest on, for its write to check that it is
+    # still so: every account it looked at, as it found it (in id order), and
+    # each updated transfer as it found it (in the order of updated_transfers).
+    accounts_read: dict[uuid.UUID, AccountState] = field(default_factory=dict)
+    transfers_read: list[Transfer] = field(default_factory=list)
+    # What the batch leaves behind, for the next batch to start from: every
+    # account it looked at and every transfer it knew of, as it left them.
+    accounts_after: dict[uuid.UUID, AccountState] = field(default_factory=dict)
+    transfers_after: dict[uuid.UUID, Transfer] = field(default_factory=dict)
 
 
 _Balances = tuple[int, int, int, int]
@@ -627,12 +636,17 @@ class LedgerBatch:
         return expired
 
     def result(self) -> BatchResult:
+        updated = [t for tid, t in self._updated.items() if tid not in self._created]
         return BatchResult(
             outcomes=self.outcomes,
             new_transfers=list(self._created.values()),
-            updated_transfers=[t for tid, t in self._updated.items() if tid not in self._created],
+            updated_transfers=updated,
             entries=self._entries,
             touched={a: self._states[a] for a in sorted(self._touched) if a in self._states},
+            accounts_read={a: self._originals[a] for a in sorted(self._states)},
+            transfers_read=[self._existing[t.id] for t in updated],
+            accounts_after=self._states,
+            transfers_after={**self._existing, **self._updated, **self._created},
         )
 
     # -- one transfer

@@ -1,12 +1,55 @@
-"""Group commit: concurrent CreateTransfers calls share database transactions.
+"""Group commit, pipelined: concurrent CreateTransfers calls share database
+transactions, and one batch is computed while the one before it is written.
 
-Every call puts its transfers on one queue. A writer takes everything queued
-(up to 8,000 transfers), applies it in arrival order in one transaction, and
-answers each caller with its own results once that transaction has committed.
-A process runs a few writers (``MONETA_LEDGER_WRITERS``), so that one batch is
-prepared while another is in the database. While it commits, new calls queue up, so under load
-batches grow by themselves and a hot account pays one row update per batch,
-not one per transfer; when idle, a lone call is committed at once.
+Every call puts its transfers on one queue. The writer takes what is queued
+(up to 8,000 transfers), applies it in arrival order, and answers each caller
+with its own results once that batch has committed. While a batch commits,
+new calls queue up, so under load batches grow by themselves and a hot
+account pays one row update per batch, not one per transfer; when idle, a
+lone call is committed at once.
+
+A batch has two halves: reading and applying it in Python (prepare), then
+writing and committing it in PostgreSQL (write). The writer overlaps them,
+two batches deep: while batch N is written, batch N+1 is prepared.
+
+- N+1 starts from N's overlay: every account and transfer N read or wrote, as
+  N leaves them. The rest it reads plainly, without locks and outside any
+  transaction: N writes nothing outside its overlay, and every batch older
+  than N has finished, so those reads see all they need.
+- N+1 is written only after N has finished, and only if N committed exactly
+  what N+1 assumed. If N's write was refused, N is applied again from fresh
+  locked reads (the serial path, ``handlers.apply_items``), and so is N+1.
+- A write is one statement, its own transaction, that checks what the batch
+  rests on (``store.write_batch``): each account it looked at still has the
+  balances, status and overdraft limit it started from; each transfer it
+  changed, the status and amount reversed it read. If anything changed behind
+  its back (another replica, CloseAccount, a second writer), nothing is
+  written and the batch is applied again from fresh locked reads. So a batch
+  never writes balances computed from a state that is gone.
+- Nobody is answered before their own batch commits. A transfer id that N
+  created is EXISTS for N+1 only if N commits, since N+1 commits only then.
+  The same id created by another replica at the same moment fails one of the
+  two inserts (a unique violation), and that batch is applied again.
+
+Why this cannot deadlock. The one wait PostgreSQL cannot see is N+1 waiting
+in Python for N's outcome. While it waits, N+1 holds no lock and no open
+transaction: its reads were plain and its write is not sent yet. So no lock
+wait ever ends at a batch that waits in Python; every batch that holds locks
+either runs one statement or is a serial redo that never waits for another
+batch; and every cycle of waits consists of lock waits, which PostgreSQL
+detects and breaks (DeadlockDetected, retried). Had N+1 instead locked its
+reads FOR UPDATE and then waited for N, cycles invisible to PostgreSQL would
+appear: with three batches in flight, a younger batch holding a row the
+older one's write needs while the older waits for it; and even two deep
+across replicas: A's N writes a row of its overlay that B's N+1 holds while
+B's N+1 waits for B's N, whose write needs a row A's N+1 holds while A's N+1
+waits for A's N. Ours also could not wait for the younger in Python at all.
+
+Why two deep. The two halves use different resources, the Python thread and
+the database, so two batches keep both busy; a third could only queue for
+one of them. And at two, when N+1 is prepared, everything older than N is
+committed, so one overlay (N's) is all it needs. A third batch would need
+the overlays of both batches before it, and a refused write would redo two.
 
 Nothing is answered OK before its batch commits. If the process dies
 mid-batch, the transaction rolls back: nothing of the batch is visible, and
@@ -45,6 +88,13 @@ BATCH_SECONDS = Histogram(
     "Time to apply and commit one batch.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+REDONE = Counter(
+    "moneta_ledger_batches_redone_total",
+    "Pipelined batches applied again from fresh locked reads, by why: stale (something"
+    " they read changed before their write), predecessor (the batch before was redone),"
+    " error (their write failed otherwise).",
+    ["reason"],
+)
 
 
 @dataclass
@@ -56,12 +106,28 @@ class _Queued:
     deadline: float | None = None
 
 
+@dataclass
+class _InFlight:
+    """A batch being written, and what it leaves behind if it commits."""
+
+    overlay: handlers.Overlay
+    # True once it committed exactly as prepared; False if it was redone.
+    committed_as_prepared: asyncio.Task[bool]
+
+
 class TransferEngine:
-    def __init__(self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH, *, pipelined: bool = True
+    ) -> None:
         self._pool = pool
         self._max_batch = max_batch
+        self._pipelined = pipelined
         self._queue: collections.deque[_Queued] = collections.deque()
         self._wake = asyncio.Event()
+        # Batches applied again, by reason (the REDONE counter, per engine).
+        self.redone: collections.Counter[str] = collections.Counter()
+        # Batches prepared while the one before them was being written.
+        self.overlapped = 0
 
     async def submit(
         self, specs: Sequence[TransferSpec], deadline: float | None = None
@@ -93,13 +159,14 @@ class TransferEngine:
         # batch: its transfers may still commit, and its retry sees EXISTS.
         return await asyncio.shield(done)
 
-    def _take_batch(self) -> list[_Queued]:
+    def _take_batch(self, limit: int) -> list[_Queued]:
         """What the next transaction applies: the queue's head, and whatever
-        follows it that fits. Requests whose caller gave up are dropped."""
+        follows it that fits in ``limit`` transfers. Requests whose caller
+        gave up are dropped."""
         now = asyncio.get_running_loop().time()
         batch: list[_Queued] = []
         total = 0
-        while self._queue and (not batch or total + self._queue[0].size <= self._max_batch):
+        while self._queue and (not batch or total + self._queue[0].size <= limit):
             queued = self._queue.popleft()
             if queued.deadline is not None and queued.deadline <= now:
                 DROPPED.inc(queued.size)
@@ -110,21 +177,101 @@ class TransferEngine:
         return batch
 
     async def run(self) -> None:
-        """A writer. Runs until cancelled. With more than one, a batch is
-        prepared in Python while the previous one is in PostgreSQL; their
-        locks (transfers, then accounts, in id order) keep them apart."""
+        """The writer. Runs until cancelled; one per process (two would race
+        for the same accounts and redo each other's batches)."""
+        if not self._pipelined:
+            await self._run_serially()
+            return
+        older: _InFlight | None = None
+        try:
+            while True:
+                if older is not None and older.committed_as_prepared.done():
+                    older = None
+                if not self._queue:
+                    # Woken by a new call, or by the batch in flight finishing.
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch = self._take_batch(self._max_batch if older else self._half_of_queue())
+                if batch:
+                    older = await self._prepare_and_write(batch, older)
+        finally:
+            if older is not None:
+                older.committed_as_prepared.cancel()
+
+    def _half_of_queue(self) -> int:
+        """With no batch in flight, the writer takes about half of what is
+        queued: the other half is prepared while the first is written, and
+        callers fall into two groups that take turns."""
+        queued = sum(q.size for q in self._queue)
+        return min(self._max_batch, (queued + 1) // 2)
+
+    async def _prepare_and_write(
+        self, batch: list[_Queued], older: _InFlight | None
+    ) -> _InFlight | None:
+        """Prepares ``batch`` (on ``older``'s overlay while that is being
+        written), waits for ``older`` to finish, and starts writing the
+        batch. Returns the batch in flight, or None if it was applied
+        serially instead."""
+        items = [q.item for q in batch]
+        started = asyncio.get_running_loop().time()
+        try:
+            prepared = await handlers.prepare_items(
+                self._pool, items, older.overlay if older else handlers.NO_OVERLAY
+            )
+        except Exception as exc:  # reading failed: the serial path answers
+            log.warning("batch_prepare_failed", error=type(exc).__name__)
+            prepared = None
+        if older is not None:
+            self.overlapped += 1
+            # The one wait outside the database: this batch holds no lock now.
+            if not await older.committed_as_prepared and prepared is not None:
+                self._count_redo("predecessor")
+                prepared = None
+        if prepared is None:
+            await self._commit(batch)
+            return None
+        task = asyncio.create_task(self._write(batch, prepared, started))
+        return _InFlight(prepared.overlay, task)
+
+    async def _write(
+        self, batch: list[_Queued], prepared: handlers.PreparedBatch, started: float
+    ) -> bool:
+        """Writes a prepared batch and answers its callers; if the write is
+        refused, applies the batch again serially. True if it committed as
+        prepared."""
+        try:
+            await handlers.write_prepared(self._pool, prepared)
+        except Exception as exc:
+            stale = isinstance(exc, store.StaleBatch)
+            self._count_redo("stale" if stale else "error")
+            log.info("batch_redone", reason="stale" if stale else type(exc).__name__)
+            await self._commit(batch)
+            return False
+        finally:
+            self._wake.set()
+        self._answer(batch, prepared.results, started)
+        return True
+
+    def _count_redo(self, reason: str) -> None:
+        self.redone[reason] += 1
+        REDONE.labels(reason).inc()
+
+    async def _run_serially(self) -> None:
+        """One batch at a time, each read under locks, applied and committed
+        before the next is taken (MONETA_LEDGER_PIPELINE=false)."""
         while True:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = self._take_batch()
+            batch = self._take_batch(self._max_batch)
             if batch:
                 await self._commit(batch)
 
     async def _commit(self, batch: list[_Queued]) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        """Applies a batch serially: locked reads, apply, write, commit."""
+        started = asyncio.get_running_loop().time()
         try:
             results = await handlers.apply_items(self._pool, [q.item for q in batch])
         except Exception as exc:
@@ -144,8 +291,13 @@ class TransferEngine:
             for queued in batch:
                 await self._commit([queued])
             return
+        self._answer(batch, results, started)
+
+    def _answer(
+        self, batch: list[_Queued], results: list[list[TransferOutcome]], started: float
+    ) -> None:
         BATCH_SIZE.observe(sum(q.size for q in batch))
-        BATCH_SECONDS.observe(loop.time() - started)
+        BATCH_SECONDS.observe(asyncio.get_running_loop().time() - started)
         for queued, result in zip(batch, results, strict=True):
             if not queued.done.done():
                 queued.done.set_result(result)

@@ -4,7 +4,7 @@ transaction."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,6 +20,7 @@ from services.ledger.domain import (
     AccountCode,
     AccountSpec,
     AccountState,
+    BatchResult,
     LedgerBatch,
     NewAccount,
     Side,
@@ -105,6 +106,57 @@ _RETRYABLE = (
 )
 
 
+@dataclass(frozen=True)
+class Overlay:
+    """What a batch whose write is under way leaves behind: every account
+    and transfer it read or wrote, as it will have left them once committed.
+    The batch after it starts from these instead of reading them."""
+
+    accounts: Mapping[uuid.UUID, AccountState]
+    transfers: Mapping[uuid.UUID, Transfer]
+
+
+NO_OVERLAY = Overlay({}, {})
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch applied in memory: its answers (one list per item) and what
+    its write must store and check."""
+
+    results: list[list[TransferOutcome]]
+    changes: BatchResult
+    now: datetime
+
+    @property
+    def overlay(self) -> Overlay:
+        return Overlay(self.changes.accounts_after, self.changes.transfers_after)
+
+
+def _split_items(items: Sequence[BatchItem]) -> tuple[list[TransferSpec], list[uuid.UUID]]:
+    specs = [spec for item in items if not isinstance(item, ExpireHolds) for spec in item]
+    expiring = [tid for item in items if isinstance(item, ExpireHolds) for tid in item.ids]
+    return specs, expiring
+
+
+def _apply(
+    items: Sequence[BatchItem],
+    expiring: Sequence[uuid.UUID],
+    accounts: Mapping[uuid.UUID, AccountState],
+    existing: Mapping[uuid.UUID, Transfer],
+) -> PreparedBatch:
+    # The writer's clock, not the database's: one round trip fewer per
+    # batch, and one writer's batches stay in order.
+    now = datetime.now(UTC)
+    batch = LedgerBatch(accounts, existing, now)
+    results = [[] if isinstance(item, ExpireHolds) else batch.apply(item) for item in items]
+    if expiring:
+        expired = batch.expire(expiring)
+        if expired:
+            log.info("holds_expired", count=len(expired))
+    return PreparedBatch(results, batch.result(), now)
+
+
 async def apply_items(
     pool: asyncpg.Pool, items: Sequence[BatchItem]
 ) -> list[list[TransferOutcome]]:
@@ -112,8 +164,7 @@ async def apply_items(
     transfers a batch refers to are locked first, then its accounts, both in
     id order, so that concurrent batches queue instead of deadlocking. One
     result list per item, in order."""
-    specs = [spec for item in items if not isinstance(item, ExpireHolds) for spec in item]
-    expiring = [tid for item in items if isinstance(item, ExpireHolds) for tid in item.ids]
+    specs, expiring = _split_items(items)
     for attempt in range(1, _MAX_ATTEMPTS + 1):
         try:
             async with pool.acquire() as conn, conn.transaction():
@@ -123,24 +174,44 @@ async def apply_items(
                 accounts = await store.lock_accounts(conn, account_ids(specs, referenced.values()))
                 existing = await store.fetch_transfers(conn, transfer_ids(specs))
                 existing.update(referenced)
-                # The writer's clock, not the database's: one round trip
-                # fewer per batch, and one writer's batches stay in order.
-                now = datetime.now(UTC)
-                batch = LedgerBatch(accounts, existing, now)
-                results = [
-                    [] if isinstance(item, ExpireHolds) else batch.apply(item) for item in items
-                ]
-                if expiring:
-                    expired = batch.expire(expiring)
-                    if expired:
-                        log.info("holds_expired", count=len(expired))
-                await store.write_batch(conn, batch.result(), now)
-            return results
+                prepared = _apply(items, expiring, accounts, existing)
+                await store.write_batch(conn, prepared.changes, prepared.now)
+            return prepared.results
         except _RETRYABLE:
             if attempt == _MAX_ATTEMPTS:
                 raise
             log.info("transfer_batch_retried", attempt=attempt)
     raise AssertionError("unreachable")
+
+
+async def prepare_items(
+    pool: asyncpg.Pool, items: Sequence[BatchItem], overlay: Overlay = NO_OVERLAY
+) -> PreparedBatch:
+    """Applies requests (and expiries) in memory, starting from ``overlay``
+    for what it holds and from the database, read without locks and outside
+    any transaction, for the rest. Nothing is written: ``write_prepared``
+    does that, and refuses if anything read has changed meanwhile."""
+    specs, expiring = _split_items(items)
+    referenced = sorted(set(referenced_ids(specs)) | set(expiring))
+    async with pool.acquire() as conn:
+        wanted = set(transfer_ids(specs)).union(referenced)
+        known = overlay.transfers
+        existing = {tid: known[tid] for tid in wanted if tid in known}
+        existing.update(await store.fetch_transfers(conn, [t for t in wanted if t not in known]))
+        wanted_accounts = account_ids(specs, [existing[t] for t in referenced if t in existing])
+        states = overlay.accounts
+        accounts = {aid: states[aid] for aid in wanted_accounts if aid in states}
+        accounts.update(
+            await store.read_accounts(conn, [a for a in wanted_accounts if a not in states])
+        )
+    return _apply(items, expiring, accounts, existing)
+
+
+async def write_prepared(pool: asyncpg.Pool, prepared: PreparedBatch) -> None:
+    """Writes a prepared batch in one statement, its own transaction; raises
+    StaleBatch, having written nothing, if anything it read has changed."""
+    async with pool.acquire() as conn:
+        await store.write_batch(conn, prepared.changes, prepared.now)
 
 
 async def create_transfers(

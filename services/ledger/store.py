@@ -102,9 +102,20 @@ async def fetch_accounts(conn: DbConn, ids: Sequence[uuid.UUID]) -> list[asyncpg
 async def lock_accounts(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, AccountState]:
     """Locks the accounts in id order (so that batches never deadlock) and
     returns their states."""
+    return await _account_states(conn, ids, " ORDER BY id FOR UPDATE")
+
+
+async def read_accounts(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, AccountState]:
+    """The accounts' states, without locking them: a pipelined batch's
+    write checks that they are still so."""
+    return await _account_states(conn, ids, "")
+
+
+async def _account_states(
+    conn: DbConn, ids: Sequence[uuid.UUID], suffix: str
+) -> dict[uuid.UUID, AccountState]:
     rows = await conn.fetch(
-        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
-        list(ids),
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::uuid[]){suffix}", list(ids)
     )
     return {row["id"]: account_state(row) for row in rows}
 
@@ -128,89 +139,154 @@ async def fetch_transfers(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.U
     return {row["id"]: transfer_from_row(row) for row in rows}
 
 
+class StaleBatch(Exception):
+    """Something a batch read changed before its write: nothing of it was
+    written, and it must be applied again from fresh reads."""
+
+
 async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
     """Writes everything a batch changed (new transfers, resolved holds and
     reversed amounts, entries, balances) in one statement: one round trip,
-    however large the batch."""
-    transfers, changed = batch.new_transfers, batch.updated_transfers
-    entries, states = batch.entries, list(batch.touched.values())
-    await conn.execute(
-        """
-        WITH new_transfers AS (
-            INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency,
-                                   type, pending_id, reverses_id, linked, timeout_seconds, code,
-                                   metadata, effective_at, created_at, expires_at, status,
-                                   resolved_at, amount_reversed)
-            SELECT i, d, c, am, cu, ty, p, r, l, ti, co, coalesce(m::jsonb, '{}'::jsonb), e,
-                   $33, ex, st, re, rv
-              FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
-                          $6::smallint[], $7::uuid[], $8::uuid[], $9::boolean[],
-                          $10::integer[], $11::text[], $12::text[], $13::timestamptz[],
-                          $14::timestamptz[], $15::smallint[], $16::timestamptz[],
-                          $34::bigint[])
-                   AS u(i, d, c, am, cu, ty, p, r, l, ti, co, m, e, ex, st, re, rv)
-        ), changed_transfers AS (
-            UPDATE transfers AS t
-               SET status = u.status, amount_reversed = u.reversed, resolved_at = u.resolved_at
-              FROM unnest($17::uuid[], $18::smallint[], $19::bigint[], $20::timestamptz[])
-                   AS u(id, status, reversed, resolved_at)
-             WHERE t.id = u.id
-        ), new_entries AS (
-            INSERT INTO entries (transfer_id, account_id, side, amount, currency, balance_after,
-                                 code, created_at)
-            SELECT t, a, s, am, c, b, co, $33
-              FROM unnest($21::uuid[], $22::uuid[], $23::smallint[], $24::bigint[], $25::text[],
-                          $26::bigint[], $27::text[]) AS u(t, a, s, am, c, b, co)
-        )
-        UPDATE accounts AS a
-           SET debits_posted = u.dp, credits_posted = u.cp,
-               debits_pending = u.dpe, credits_pending = u.cpe
-          FROM unnest($28::uuid[], $29::bigint[], $30::bigint[], $31::bigint[], $32::bigint[])
-               AS u(id, dp, cp, dpe, cpe)
-         WHERE a.id = u.id
-        """,
-        # $1..$16: new transfers
-        [t.id for t in transfers],
-        [t.debit_account_id for t in transfers],
-        [t.credit_account_id for t in transfers],
-        [t.amount for t in transfers],
-        [t.currency for t in transfers],
-        [int(t.type) for t in transfers],
-        [t.pending_id for t in transfers],
-        [t.reverses_id for t in transfers],
-        [t.linked for t in transfers],
-        [t.timeout_seconds for t in transfers],
-        [t.code for t in transfers],
-        # Most transfers carry no metadata: send NULL rather than encode {}.
-        [json.dumps(dict(t.metadata)) if t.metadata else None for t in transfers],
-        [t.effective_at for t in transfers],
-        [t.expires_at for t in transfers],
-        [int(t.status) for t in transfers],
-        [t.resolved_at for t in transfers],
-        # $17..$20: stored transfers changed
-        [t.id for t in changed],
-        [int(t.status) for t in changed],
-        [t.amount_reversed for t in changed],
-        [t.resolved_at for t in changed],
-        # $21..$27: entries
-        [e.transfer_id for e in entries],
-        [e.account_id for e in entries],
-        [int(e.side) for e in entries],
-        [e.amount for e in entries],
-        [e.currency for e in entries],
-        [e.balance_after for e in entries],
-        [e.code for e in entries],
-        # $28..$32: balances
-        [s.id for s in states],
-        [s.debits_posted for s in states],
-        [s.credits_posted for s in states],
-        [s.debits_pending for s in states],
-        [s.credits_pending for s in states],
-        # $33: the batch's moment, every new row's created_at
-        now,
-        # $34: reversed in the batch that created it
-        [t.amount_reversed for t in transfers],
+    however large the batch.
+
+    The statement writes only if what the batch read is still so: each
+    transfer it changed still has the status and amount reversed it read,
+    each account it looked at still has the balances, status and overdraft
+    limit it started from. Otherwise nothing of it is written and StaleBatch
+    is raised. In READ COMMITTED, a row locked by a concurrent writer is
+    waited for and checked again as that writer committed it.
+
+    Rows are locked in the serial path's order, so that writers do not
+    deadlock each other (PostgreSQL would detect it, and the batch would be
+    applied again, but only after a second): changed transfers before
+    accounts, since the final call's arguments are evaluated left to right,
+    and the accounts by one sorted locking read, which the update then
+    joins by id (not by ctid: a row another writer rewrote while this one
+    waited is locked in its new version, but reported with its old ctid)."""
+    transfers, entries = batch.new_transfers, batch.entries
+    changed = sorted(
+        zip(batch.updated_transfers, batch.transfers_read, strict=True), key=lambda c: c[0].id
     )
+    read, touched = batch.accounts_read, batch.touched
+    after = [touched.get(aid, state) for aid, state in read.items()]
+    try:
+        await conn.execute(
+            """
+            WITH changed_transfers AS (
+                UPDATE transfers AS t
+                   SET status = u.status, amount_reversed = u.reversed,
+                       resolved_at = u.resolved_at
+                  FROM unnest($19::uuid[], $20::smallint[], $21::bigint[], $22::timestamptz[],
+                              $23::smallint[], $24::bigint[])
+                       AS u(id, status, reversed, resolved_at, was_status, was_reversed)
+                 WHERE t.id = u.id AND t.status = u.was_status
+                   AND t.amount_reversed = u.was_reversed
+                RETURNING 1
+            ), unchanged_accounts AS (
+                SELECT a.id, u.dp, u.cp, u.dpe, u.cpe, u.touched
+                  FROM accounts AS a
+                  JOIN unnest($32::uuid[], $33::bigint[], $34::bigint[], $35::bigint[],
+                              $36::bigint[], $37::smallint[], $38::bigint[], $39::bigint[],
+                              $40::bigint[], $41::bigint[], $42::bigint[], $43::boolean[])
+                       AS u(id, was_dp, was_cp, was_dpe, was_cpe, was_status, was_limit,
+                            dp, cp, dpe, cpe, touched)
+                    ON a.id = u.id
+                 -- The join's condition again, as a hashed filter: the
+                 -- planner then hashes the batch's accounts, not the table.
+                 WHERE a.id = ANY($32::uuid[])
+                   AND (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending,
+                        a.status, a.overdraft_limit)
+                     = (u.was_dp, u.was_cp, u.was_dpe, u.was_cpe, u.was_status, u.was_limit)
+                 ORDER BY a.id
+                   FOR UPDATE OF a
+            ), changed_accounts AS (
+                UPDATE accounts AS a
+                   SET debits_posted = c.dp, credits_posted = c.cp,
+                       debits_pending = c.dpe, credits_pending = c.cpe
+                  FROM unchanged_accounts AS c
+                 WHERE a.id = c.id AND c.touched
+                RETURNING 1
+            ), new_transfers AS (
+                INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency,
+                                       type, pending_id, reverses_id, linked, timeout_seconds,
+                                       code, metadata, effective_at, created_at, expires_at,
+                                       status, resolved_at, amount_reversed)
+                SELECT i, d, c, am, cu, ty, p, r, l, ti, co, coalesce(m::jsonb, '{}'::jsonb), e,
+                       $18, ex, st, re, rv
+                  FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
+                              $6::smallint[], $7::uuid[], $8::uuid[], $9::boolean[],
+                              $10::integer[], $11::text[], $12::text[], $13::timestamptz[],
+                              $14::timestamptz[], $15::smallint[], $16::timestamptz[],
+                              $17::bigint[])
+                       AS u(i, d, c, am, cu, ty, p, r, l, ti, co, m, e, ex, st, re, rv)
+            ), new_entries AS (
+                INSERT INTO entries (transfer_id, account_id, side, amount, currency,
+                                     balance_after, code, created_at)
+                SELECT t, a, s, am, c, b, co, $18
+                  FROM unnest($25::uuid[], $26::uuid[], $27::smallint[], $28::bigint[],
+                              $29::text[], $30::bigint[], $31::text[]) AS u(t, a, s, am, c, b, co)
+            )
+            SELECT ledger_batch_unchanged($44, (SELECT count(*) FROM changed_transfers),
+                                          $45, (SELECT count(*) FROM unchanged_accounts),
+                                          $46, (SELECT count(*) FROM changed_accounts))
+            """,
+            # $1..$17: new transfers
+            [t.id for t in transfers],
+            [t.debit_account_id for t in transfers],
+            [t.credit_account_id for t in transfers],
+            [t.amount for t in transfers],
+            [t.currency for t in transfers],
+            [int(t.type) for t in transfers],
+            [t.pending_id for t in transfers],
+            [t.reverses_id for t in transfers],
+            [t.linked for t in transfers],
+            [t.timeout_seconds for t in transfers],
+            [t.code for t in transfers],
+            # Most transfers carry no metadata: send NULL rather than encode {}.
+            [json.dumps(dict(t.metadata)) if t.metadata else None for t in transfers],
+            [t.effective_at for t in transfers],
+            [t.expires_at for t in transfers],
+            [int(t.status) for t in transfers],
+            [t.resolved_at for t in transfers],
+            [t.amount_reversed for t in transfers],  # reversed in the batch that created it
+            # $18: the batch's moment, every new row's created_at
+            now,
+            # $19..$24: stored transfers changed, and as the batch read them
+            [t.id for t, _ in changed],
+            [int(t.status) for t, _ in changed],
+            [t.amount_reversed for t, _ in changed],
+            [t.resolved_at for t, _ in changed],
+            [int(was.status) for _, was in changed],
+            [was.amount_reversed for _, was in changed],
+            # $25..$31: entries
+            [e.transfer_id for e in entries],
+            [e.account_id for e in entries],
+            [int(e.side) for e in entries],
+            [e.amount for e in entries],
+            [e.currency for e in entries],
+            [e.balance_after for e in entries],
+            [e.code for e in entries],
+            # $32..$43: every account the batch looked at (in id order): as it
+            # read it, as it leaves it, and whether it changed it
+            list(read),
+            [s.debits_posted for s in read.values()],
+            [s.credits_posted for s in read.values()],
+            [s.debits_pending for s in read.values()],
+            [s.credits_pending for s in read.values()],
+            [2 if s.closed else 1 for s in read.values()],
+            [s.overdraft_limit for s in read.values()],
+            [s.debits_posted for s in after],
+            [s.credits_posted for s in after],
+            [s.debits_pending for s in after],
+            [s.credits_pending for s in after],
+            [aid in touched for aid in read],
+            # $44..$46: how many rows must be found unchanged, and updated
+            len(changed),
+            len(read),
+            len(touched),
+        )
+    except asyncpg.SerializationError as exc:
+        raise StaleBatch(str(exc)) from exc
 
 
 async def due_holds(conn: DbConn, limit: int) -> list[uuid.UUID]:

@@ -22,6 +22,7 @@ from services.ledger.domain import (
     AccountState,
     AccountType,
     BatchResult,
+    LedgerBatch,
     Side,
     Transfer,
     TransferCode,
@@ -757,6 +758,62 @@ def test_random_batches_apply_each_chain_all_or_nothing(
         chain for chain in chains(specs) if len({result.outcomes[i].code.ok for i in chain}) > 1
     ]
     assert mixed == []
+
+
+def pipelined(
+    accounts: Mapping[uuid.UUID, AccountState],
+    existing: Mapping[uuid.UUID, Transfer],
+    requests: Sequence[Sequence[TransferSpec]],
+    per_batch: int,
+) -> tuple[list[TransferCode], dict[uuid.UUID, AccountState]]:
+    """Applies requests as the pipelined writer does: each batch starts from
+    what is committed (everything before the batch just before it) and from
+    that batch's overlay. Returns the codes and the final balances."""
+    committed_accounts, committed_transfers = dict(accounts), dict(existing)
+    before: BatchResult | None = None
+    found: list[TransferCode] = []
+    for start in range(0, len(requests), per_batch):
+        overlay_accounts = before.accounts_after if before else {}
+        overlay_transfers = before.transfers_after if before else {}
+        batch = LedgerBatch(
+            {**committed_accounts, **overlay_accounts},
+            {**committed_transfers, **overlay_transfers},
+            NOW,
+        )
+        for request in requests[start : start + per_batch]:
+            found.extend(o.code for o in batch.apply(request))
+        if before is not None:
+            committed_accounts.update(before.touched)
+            committed_transfers.update(before.transfers_after)
+        before = batch.result()
+    if before is not None:
+        committed_accounts.update(before.touched)
+    return found, committed_accounts
+
+
+def test_a_batch_started_from_the_overlay_sees_what_the_batch_before_spent_and_created() -> None:
+    payer, payee = wallet(credits=100), wallet()
+    spend = transfer(payer, payee, 60)
+    requests = [[spend], [transfer(payer, payee, 60)], [spend]]
+
+    found, final = pipelined({a.id: a for a in (payer, payee)}, {}, requests, per_batch=1)
+
+    assert found == [TransferCode.OK, TransferCode.INSUFFICIENT_FUNDS, TransferCode.EXISTS]
+    assert [final[a.id].posted for a in (payer, payee)] == [40, 60]
+
+
+@settings(max_examples=150)
+@given(histories(), st.integers(1, 4), st.integers(1, 3))
+def test_batches_started_from_the_overlay_of_the_batch_before_agree_with_one_batch(
+    history: History, per_request: int, per_batch: int
+) -> None:
+    accounts, specs, existing = history
+    requests = [specs[i : i + per_request] for i in range(0, len(specs), per_request)]
+    serial = LedgerBatch(accounts, existing, NOW)
+    expected = [o.code for request in requests for o in serial.apply(request)]
+    final = {**accounts, **serial.result().touched}
+
+    assert pipelined(accounts, existing, requests, per_batch) == (expected, final)
 
 
 def test_the_nil_uuid_is_not_an_account_id() -> None:
