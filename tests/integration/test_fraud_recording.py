@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from urllib.parse import urlsplit
 
@@ -19,30 +18,17 @@ from prometheus_client import REGISTRY
 
 from services.common.db import create_pool
 from services.common.errors import Unavailable
-from services.common.infra import redis_client
 from services.fraud.domain import DEFAULT_RULES, Decision, Transaction, Verdict
 from services.fraud.handlers import FraudService
 from services.fraud.store import DecisionRecorder, VelocityStore
 from tests import conftest
+from tests.integration import test_fraud_scoring as scoring
 from tests.integration.test_fraud_scoring import NOW, Clock, transaction
 from tests.tcp_proxy import TcpProxy
 
-
-@pytest.fixture(scope="module")
-async def fraud_pool(test_run: conftest.TestRun) -> AsyncIterator[asyncpg.Pool]:
-    await (await conftest.service_pool(test_run, "fraud")).close()
-    pool = await create_pool(test_run.database_url("fraud"), 1, 5)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture(scope="module")
-async def redis(test_run: conftest.TestRun) -> AsyncIterator[aioredis.Redis]:
-    client = redis_client(test_run.settings.redis_url)
-    yield client
-    async for key in client.scan_iter(match=f"{test_run.redis_prefix}fraud:*", count=1000):
-        await client.delete(key)
-    await client.aclose()
+# The scoring tests' fixtures: the run's migrated fraud database and its Redis.
+fraud_pool = scoring.fraud_pool
+redis = scoring.redis
 
 
 def service_on(pool: asyncpg.Pool, client: aioredis.Redis, prefix: str) -> FraudService:
