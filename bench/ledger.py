@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -60,6 +61,8 @@ class Measure:
     seconds: float
     latencies_ms: list[float]
     refused: int = 0
+    # CPU seconds spent meanwhile, by whom (see cpu_seconds)
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def tps(self) -> float:
@@ -73,6 +76,53 @@ class Measure:
             "transfers": self.transfers,
             "refused": self.refused,
         }
+
+
+def _process_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds (user and system, all threads) the processes have used."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _ledger_pids() -> list[int]:
+    """The ledger processes this benchmark started (its children)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                is_ledger = b"services.ledger" in cmdline.read()
+        except OSError:
+            continue
+        if parent == os.getpid() and is_ledger:
+            pids.append(int(entry))
+    return pids
+
+
+async def cpu_seconds(pool: asyncpg.Pool) -> dict[str, float]:
+    """CPU seconds used so far by the ledger processes, by the database
+    backends serving the ledger's database (the ledger's connections, and
+    this benchmark's idle ones) and by this client: their differences over a
+    run say where each transfer's time goes."""
+    backends = [r["pid"] for r in await pool.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid()"
+    )]  # fmt: skip
+    return {
+        "ledger": _process_cpu(_ledger_pids()),
+        "postgres": _process_cpu(backends),
+        "client": time.process_time(),
+    }
 
 
 def pairs(accounts: Sequence[str], count: int, rng: random.Random) -> list[Pair]:
@@ -265,7 +315,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     runs_ours, runs_base = [], []
                     for attempt in range(args.runs):
                         batches = [work[i : i + size] for i in range(0, len(work), size)]
+                        before = await cpu_seconds(pool)
                         runs_ours.append(await ours(stubs, batches, clients))
+                        after = await cpu_seconds(pool)
+                        runs_ours[-1].cpu = {k: after[k] - before[k] for k in after}
                         base_work = work[: args.baseline_transfers]
                         runs_base.append(await baseline(pool, base_work, args.clients))
                         print(
@@ -312,6 +365,16 @@ def summarise(
         "per_run_tps": {
             "ours": [round(m.tps, 1) for m in ours_runs],
             "baseline": [round(m.tps, 1) for m in base_runs],
+        },
+        # Over all runs of ours: CPU microseconds per transfer, by process
+        "cpu_us_per_transfer": {
+            who: round(
+                1e6
+                * sum(m.cpu.get(who, 0.0) for m in ours_runs)
+                / sum(m.transfers for m in ours_runs),
+                1,
+            )
+            for who in ("ledger", "postgres", "client")
         },
         "target": target,
         "meets_target": all(
@@ -375,6 +438,9 @@ def print_table(results: dict[str, Any]) -> None:
             f"{b['transfers_per_s']:>10,.0f}{b['p50_ms']:>9.2f}{b['p99_ms']:>9.2f}"
             f"{s['ratio']:>8.2f}  {target} ({mark})"
         )
+    for name, s in results["scenarios"].items():
+        cpu = ", ".join(f"{who} {us:,.0f}" for who, us in s["cpu_us_per_transfer"].items())
+        print(f"{name}: CPU per transfer (us): {cpu}")
     print(f"VerifyLedger after the run: {'ok' if results.get('verify_ok') else 'FAILED'}")
 
 
