@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TypeVar
 
 import asyncpg
 
@@ -19,6 +20,8 @@ from services.ledger.domain import (
     TransferStatus,
     TransferType,
 )
+
+T = TypeVar("T")
 
 _ACCOUNT_COLUMNS = """
     id, currency, type, normal_side, no_overdraft, overdraft_limit, status, metadata,
@@ -114,10 +117,22 @@ async def read_accounts(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUI
 async def _account_states(
     conn: DbConn, ids: Sequence[uuid.UUID], suffix: str
 ) -> dict[uuid.UUID, AccountState]:
+    # Only what a batch needs, in AccountState's order: a batch reads up to
+    # 16,000 accounts, and decoding metadata it never looks at cost more
+    # than the rest.
     rows = await conn.fetch(
-        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY($1::uuid[]){suffix}", list(ids)
+        "SELECT id, currency, normal_side, no_overdraft, overdraft_limit, status = 2,"
+        " debits_posted, credits_posted, debits_pending, credits_pending"
+        f" FROM accounts WHERE id = ANY($1::uuid[]){suffix}",
+        list(ids),
     )
-    return {row["id"]: account_state(row) for row in rows}
+    return {
+        r[0]: AccountState(r[0], r[1], _SIDES[r[2]], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
+        for r in rows
+    }
+
+
+_SIDES = {int(side): side for side in Side}
 
 
 async def lock_transfers(conn: DbConn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Transfer]:
@@ -168,7 +183,7 @@ async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
         zip(batch.updated_transfers, batch.transfers_read, strict=True), key=lambda c: c[0].id
     )
     read, touched = batch.accounts_read, batch.touched
-    after = [touched.get(aid, state) for aid, state in read.items()]
+    before, after = list(read.values()), [touched.get(aid, state) for aid, state in read.items()]
     try:
         await conn.execute(
             """
@@ -176,27 +191,30 @@ async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
                 UPDATE transfers AS t
                    SET status = u.status, amount_reversed = u.reversed,
                        resolved_at = u.resolved_at
-                  FROM unnest($19::uuid[], $20::smallint[], $21::bigint[], $22::timestamptz[],
-                              $23::smallint[], $24::bigint[])
+                  FROM unnest($32::uuid[], $33::smallint[], $34::bigint[], $35::timestamptz[],
+                              $36::smallint[], $37::bigint[])
                        AS u(id, status, reversed, resolved_at, was_status, was_reversed)
                  WHERE t.id = u.id AND t.status = u.was_status
                    AND t.amount_reversed = u.was_reversed
                 RETURNING 1
             ), unchanged_accounts AS (
-                SELECT a.id, u.dp, u.cp, u.dpe, u.cpe, u.touched
+                SELECT a.id, u.dp, u.cp, coalesce(u.dpe, $61) AS dpe,
+                       coalesce(u.cpe, $63) AS cpe, coalesce(u.touched, $65) AS touched
                   FROM accounts AS a
-                  JOIN unnest($32::uuid[], $33::bigint[], $34::bigint[], $35::bigint[],
-                              $36::bigint[], $37::smallint[], $38::bigint[], $39::bigint[],
-                              $40::bigint[], $41::bigint[], $42::bigint[], $43::boolean[])
-                       AS u(id, was_dp, was_cp, was_dpe, was_cpe, was_status, was_limit,
-                            dp, cp, dpe, cpe, touched)
+                  JOIN unnest($47::uuid[], $48::bigint[], $49::bigint[], $50::bigint[],
+                              $51::bigint[], $52::bigint[], $54::bigint[], $56::smallint[],
+                              $58::bigint[], $60::bigint[], $62::bigint[], $64::boolean[])
+                       AS u(id, was_dp, was_cp, dp, cp, was_dpe, was_cpe, was_status, was_limit,
+                            dpe, cpe, touched)
                     ON a.id = u.id
                  -- The join's condition again, as a hashed filter: the
                  -- planner then hashes the batch's accounts, not the table.
-                 WHERE a.id = ANY($32::uuid[])
+                 WHERE a.id = ANY($47::uuid[])
                    AND (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending,
                         a.status, a.overdraft_limit)
-                     = (u.was_dp, u.was_cp, u.was_dpe, u.was_cpe, u.was_status, u.was_limit)
+                     = (u.was_dp, u.was_cp, coalesce(u.was_dpe, $53::bigint),
+                        coalesce(u.was_cpe, $55::bigint), coalesce(u.was_status, $57::smallint),
+                        coalesce(u.was_limit, $59::bigint))
                  ORDER BY a.id
                    FOR UPDATE OF a
             ), changed_accounts AS (
@@ -211,82 +229,101 @@ async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
                                        type, pending_id, reverses_id, linked, timeout_seconds,
                                        code, metadata, effective_at, created_at, expires_at,
                                        status, resolved_at, amount_reversed)
-                SELECT i, d, c, am, cu, ty, p, r, l, ti, co, coalesce(m::jsonb, '{}'::jsonb), e,
-                       $18, ex, st, re, rv
+                SELECT i, d, c, am, coalesce(cu, $6::text), coalesce(ty, $8::smallint),
+                       coalesce(p, $10::uuid), coalesce(r, $12::uuid),
+                       coalesce(l, $14::boolean), coalesce(ti, $16::integer),
+                       coalesce(co, $18::text), coalesce(m, $20::text, '{}')::jsonb,
+                       coalesce(e, $22::timestamptz), $31, coalesce(ex, $24::timestamptz),
+                       coalesce(st, $26::smallint), coalesce(re, $28::timestamptz),
+                       coalesce(rv, $30::bigint)
                   FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
-                              $6::smallint[], $7::uuid[], $8::uuid[], $9::boolean[],
-                              $10::integer[], $11::text[], $12::text[], $13::timestamptz[],
-                              $14::timestamptz[], $15::smallint[], $16::timestamptz[],
-                              $17::bigint[])
+                              $7::smallint[], $9::uuid[], $11::uuid[], $13::boolean[],
+                              $15::integer[], $17::text[], $19::text[], $21::timestamptz[],
+                              $23::timestamptz[], $25::smallint[], $27::timestamptz[],
+                              $29::bigint[])
                        AS u(i, d, c, am, cu, ty, p, r, l, ti, co, m, e, ex, st, re, rv)
             ), new_entries AS (
                 INSERT INTO entries (transfer_id, account_id, side, amount, currency,
                                      balance_after, code, created_at)
-                SELECT t, a, s, am, c, b, co, $18
-                  FROM unnest($25::uuid[], $26::uuid[], $27::smallint[], $28::bigint[],
-                              $29::text[], $30::bigint[], $31::text[]) AS u(t, a, s, am, c, b, co)
+                SELECT t, a, s, am, coalesce(c, $44::text), b, coalesce(co, $46::text), $31
+                  FROM unnest($38::uuid[], $39::uuid[], $40::smallint[], $41::bigint[],
+                              $42::bigint[], $43::text[], $45::text[]) AS u(t, a, s, am, b, c, co)
             )
-            SELECT ledger_batch_unchanged($44, (SELECT count(*) FROM changed_transfers),
-                                          $45, (SELECT count(*) FROM unchanged_accounts),
-                                          $46, (SELECT count(*) FROM changed_accounts))
+            SELECT ledger_batch_unchanged($66, (SELECT count(*) FROM changed_transfers),
+                                          $67, (SELECT count(*) FROM unchanged_accounts),
+                                          $68, (SELECT count(*) FROM changed_accounts))
             """,
-            # $1..$17: new transfers
+            # $1..$30: new transfers; after the first four, each column as an
+            # array and a value (see _shared)
             [t.id for t in transfers],
             [t.debit_account_id for t in transfers],
             [t.credit_account_id for t in transfers],
             [t.amount for t in transfers],
-            [t.currency for t in transfers],
-            [int(t.type) for t in transfers],
-            [t.pending_id for t in transfers],
-            [t.reverses_id for t in transfers],
-            [t.linked for t in transfers],
-            [t.timeout_seconds for t in transfers],
-            [t.code for t in transfers],
+            *_shared([t.currency for t in transfers]),
+            *_shared([int(t.type) for t in transfers]),
+            *_shared([t.pending_id for t in transfers]),
+            *_shared([t.reverses_id for t in transfers]),
+            *_shared([t.linked for t in transfers]),
+            *_shared([t.timeout_seconds for t in transfers]),
+            *_shared([t.code for t in transfers]),
             # Most transfers carry no metadata: send NULL rather than encode {}.
-            [json.dumps(dict(t.metadata)) if t.metadata else None for t in transfers],
-            [t.effective_at for t in transfers],
-            [t.expires_at for t in transfers],
-            [int(t.status) for t in transfers],
-            [t.resolved_at for t in transfers],
-            [t.amount_reversed for t in transfers],  # reversed in the batch that created it
-            # $18: the batch's moment, every new row's created_at
+            *_shared([json.dumps(dict(t.metadata)) if t.metadata else None for t in transfers]),
+            *_shared([t.effective_at for t in transfers]),
+            *_shared([t.expires_at for t in transfers]),
+            *_shared([int(t.status) for t in transfers]),
+            *_shared([t.resolved_at for t in transfers]),
+            # reversed in the batch that created it
+            *_shared([t.amount_reversed for t in transfers]),
+            # $31: the batch's moment, every new row's created_at
             now,
-            # $19..$24: stored transfers changed, and as the batch read them
+            # $32..$37: stored transfers changed, and as the batch read them
             [t.id for t, _ in changed],
             [int(t.status) for t, _ in changed],
             [t.amount_reversed for t, _ in changed],
             [t.resolved_at for t, _ in changed],
             [int(was.status) for _, was in changed],
             [was.amount_reversed for _, was in changed],
-            # $25..$31: entries
+            # $38..$46: entries
             [e.transfer_id for e in entries],
             [e.account_id for e in entries],
             [int(e.side) for e in entries],
             [e.amount for e in entries],
-            [e.currency for e in entries],
             [e.balance_after for e in entries],
-            [e.code for e in entries],
-            # $32..$43: every account the batch looked at (in id order): as it
-            # read it, as it leaves it, and whether it changed it
+            *_shared([e.currency for e in entries]),
+            *_shared([e.code for e in entries]),
+            # $47..$65: every account the batch looked at (in id order): posted
+            # sums as it read them and as it leaves them, then the rest as it
+            # read them, pending sums as it leaves them, whether it changed it
             list(read),
-            [s.debits_posted for s in read.values()],
-            [s.credits_posted for s in read.values()],
-            [s.debits_pending for s in read.values()],
-            [s.credits_pending for s in read.values()],
-            [2 if s.closed else 1 for s in read.values()],
-            [s.overdraft_limit for s in read.values()],
+            [s.debits_posted for s in before],
+            [s.credits_posted for s in before],
             [s.debits_posted for s in after],
             [s.credits_posted for s in after],
-            [s.debits_pending for s in after],
-            [s.credits_pending for s in after],
-            [aid in touched for aid in read],
-            # $44..$46: how many rows must be found unchanged, and updated
+            *_shared([s.debits_pending for s in before]),
+            *_shared([s.credits_pending for s in before]),
+            *_shared([2 if s.closed else 1 for s in before]),
+            *_shared([s.overdraft_limit for s in before]),
+            *_shared([s.debits_pending for s in after]),
+            *_shared([s.credits_pending for s in after]),
+            *_shared([aid in touched for aid in read]),
+            # $66..$68: how many rows must be found unchanged, and updated
             len(changed),
             len(read),
             len(touched),
         )
     except asyncpg.SerializationError as exc:
         raise StaleBatch(str(exc)) from exc
+
+
+def _shared(values: list[T]) -> tuple[list[T] | None, T | None]:
+    """A column of a batch as two parameters: the list and NULL; or, when
+    every value is the same (a batch's currency, type, code ...), NULL and
+    that value, which the statement puts in every row (``unnest`` pads a NULL
+    array with NULLs, and ``coalesce`` fills them). Each array element costs
+    asyncpg and PostgreSQL time; most columns of a batch repeat one value."""
+    if values and values.count(values[0]) == len(values):
+        return None, values[0]
+    return values, None
 
 
 async def due_holds(conn: DbConn, limit: int) -> list[uuid.UUID]:
