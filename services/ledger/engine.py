@@ -10,7 +10,12 @@ lone call is committed at once.
 
 A batch has two halves: reading and applying it in Python (prepare), then
 writing and committing it in PostgreSQL (write). The writer overlaps them,
-two batches deep: while batch N is written, batch N+1 is prepared.
+two batches deep: while batch N is written, batch N+1 is prepared. It does
+so once a few hundred transfers are queued (``OVERLAP_FROM``); fewer wait
+for N and join the batch after it, as many small calls would otherwise make
+twice as many batches, each half as large. With nothing in flight and twice
+that queued, it takes about half, so that the other half is prepared while
+the first is written.
 
 - N+1 starts from N's overlay: every account and transfer N read or wrote, as
   N leaves them. The rest it reads plainly, without locks and outside any
@@ -88,6 +93,12 @@ BATCH_SECONDS = Histogram(
     "Time to apply and commit one batch.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+# Fewer queued transfers than this are not prepared beside a batch in
+# flight: they wait and join the next batch. Preparing them would save less
+# than a second batch costs (a statement, its plan, a commit), and small
+# calls would otherwise make twice as many batches, each half as large.
+OVERLAP_FROM = 256
+
 REDONE = Counter(
     "moneta_ledger_batches_redone_total",
     "Pipelined batches applied again from fresh locked reads, by why: stale (something"
@@ -117,17 +128,29 @@ class _InFlight:
 
 class TransferEngine:
     def __init__(
-        self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH, *, pipelined: bool = True
+        self,
+        pool: asyncpg.Pool,
+        max_batch: int = MAX_BATCH,
+        *,
+        pipelined: bool = True,
+        overlap_from: int = OVERLAP_FROM,
     ) -> None:
         self._pool = pool
         self._max_batch = max_batch
         self._pipelined = pipelined
+        self._overlap_from = overlap_from
         self._queue: collections.deque[_Queued] = collections.deque()
+        self._queued = 0  # transfers in the queue
         self._wake = asyncio.Event()
         # Batches applied again, by reason (the REDONE counter, per engine).
         self.redone: collections.Counter[str] = collections.Counter()
         # Batches prepared while the one before them was being written.
         self.overlapped = 0
+
+    @property
+    def queued(self) -> int:
+        """Transfers waiting for a batch."""
+        return self._queued
 
     async def submit(
         self, specs: Sequence[TransferSpec], deadline: float | None = None
@@ -154,6 +177,7 @@ class TransferEngine:
     ) -> list[TransferOutcome]:
         done: asyncio.Future[list[TransferOutcome]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Queued(item, size, done, deadline))
+        self._queued += size
         self._wake.set()
         # A caller that gives up (deadline, cancellation) does not cancel the
         # batch: its transfers may still commit, and its retry sees EXISTS.
@@ -168,6 +192,7 @@ class TransferEngine:
         total = 0
         while self._queue and (not batch or total + self._queue[0].size <= limit):
             queued = self._queue.popleft()
+            self._queued -= queued.size
             if queued.deadline is not None and queued.deadline <= now:
                 DROPPED.inc(queued.size)
                 _fail(queued, DeadlineExceeded("the request's deadline passed while it queued"))
@@ -187,24 +212,26 @@ class TransferEngine:
             while True:
                 if older is not None and older.committed_as_prepared.done():
                     older = None
-                if not self._queue:
+                if not self._queue or (older and self._queued < self._overlap_from):
                     # Woken by a new call, or by the batch in flight finishing.
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                batch = self._take_batch(self._max_batch if older else self._half_of_queue())
+                batch = self._take_batch(self._batch_limit(older is not None))
                 if batch:
                     older = await self._prepare_and_write(batch, older)
         finally:
             if older is not None:
                 older.committed_as_prepared.cancel()
 
-    def _half_of_queue(self) -> int:
-        """With no batch in flight, the writer takes about half of what is
-        queued: the other half is prepared while the first is written, and
-        callers fall into two groups that take turns."""
-        queued = sum(q.size for q in self._queue)
-        return min(self._max_batch, (queued + 1) // 2)
+    def _batch_limit(self, in_flight: bool) -> int:
+        """How many transfers the next batch may take. With none in flight
+        and enough queued for two batches worth overlapping, about half: the
+        other half is prepared while the first is written, and callers fall
+        into two groups that take turns. Otherwise all that fits."""
+        if not in_flight and self._queued >= 2 * self._overlap_from:
+            return min(self._max_batch, (self._queued + 1) // 2)
+        return self._max_batch
 
     async def _prepare_and_write(
         self, batch: list[_Queued], older: _InFlight | None

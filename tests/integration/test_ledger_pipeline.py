@@ -29,6 +29,7 @@ import pytest
 from services.common.errors import FailedPrecondition
 from services.ledger import handlers, store
 from services.ledger.domain import (
+    MAX_BATCH,
     AccountCode,
     AccountSpec,
     AccountType,
@@ -225,6 +226,12 @@ async def test_a_batch_written_before_its_predecessor_is_refused(pool: asyncpg.P
 # ---------------------------------------------------------------- the engine
 
 
+def eager_engine(pool: asyncpg.Pool, max_batch: int = MAX_BATCH) -> TransferEngine:
+    """An engine that prepares every batch beside the one in flight, however
+    small (by default it waits for a few hundred transfers)."""
+    return TransferEngine(pool, max_batch, overlap_from=1)
+
+
 @contextlib.asynccontextmanager
 async def running(engine: TransferEngine) -> AsyncIterator[TransferEngine]:
     task = asyncio.create_task(engine.run())
@@ -269,7 +276,7 @@ async def test_a_write_waiting_for_an_account_another_writer_then_changes_is_red
     pool: asyncpg.Pool,
 ) -> None:
     _, payer, payee, elsewhere = await funded(pool, 100, wallets=3)
-    engine = TransferEngine(pool)
+    engine = eager_engine(pool)
     async with running(engine):
         async with another_writer(pool, payer) as replica:
             answer = asyncio.create_task(engine.submit([transfer(payer, payee, 50)]))
@@ -291,7 +298,7 @@ async def test_a_write_waiting_for_an_account_rewritten_unchanged_commits_on_its
     # a new row version, the same values. The write checks values, and
     # updates the version it locked.
     _, payer, payee = await funded(pool, 100, wallets=2)
-    engine = TransferEngine(pool)
+    engine = eager_engine(pool)
     async with running(engine):
         async with another_writer(pool, payer) as replica:
             answer = asyncio.create_task(engine.submit([transfer(payer, payee, 30)]))
@@ -312,7 +319,7 @@ async def test_a_write_waiting_for_an_account_that_is_then_closed_is_redone(
     pool: asyncpg.Pool,
 ) -> None:
     world, empty = await open_accounts(pool, world_spec(), wallet_spec())
-    engine = TransferEngine(pool)
+    engine = eager_engine(pool)
     async with running(engine):
         async with another_writer(pool, empty) as closer:
             answer = asyncio.create_task(engine.submit([transfer(world, empty, 10)]))
@@ -329,7 +336,7 @@ async def test_a_batch_prepared_on_a_predecessor_that_is_redone_is_redone_too(
     pool: asyncpg.Pool,
 ) -> None:
     _, payer, first, second, elsewhere = await funded(pool, 100, wallets=4)
-    engine = TransferEngine(pool)
+    engine = eager_engine(pool)
     async with running(engine):
         async with another_writer(pool, payer) as replica:
             older = asyncio.create_task(engine.submit([transfer(payer, first, 30)]))
@@ -356,7 +363,7 @@ async def test_a_transfer_the_predecessor_created_is_exists_only_if_the_predeces
 ) -> None:
     _, payer, payee, elsewhere = await funded(pool, 100, wallets=3)
     spend = transfer(payer, payee, 50)
-    engine = TransferEngine(pool)
+    engine = eager_engine(pool)
     async with running(engine):
         async with another_writer(pool, payer) as replica:
             older = asyncio.create_task(engine.submit([spend]))
@@ -374,6 +381,33 @@ async def test_a_transfer_the_predecessor_created_is_exists_only_if_the_predeces
     assert answers == [[TransferCode.INSUFFICIENT_FUNDS]] * 2
     assert engine.redone == {"stale": 1, "predecessor": 1}
     assert await stored(pool, spend) == 0
+
+
+async def test_small_calls_arriving_while_a_batch_is_written_wait_and_share_the_next_batch(
+    pool: asyncpg.Pool,
+) -> None:
+    world, payer, payee = await funded(pool, 100, wallets=2)
+    later = [transfer(world, payee, 1) for _ in range(3)]
+    engine = TransferEngine(pool)
+    async with running(engine):
+        async with another_writer(pool, payer):
+            first = asyncio.create_task(engine.submit([transfer(payer, payee, 1)]))
+            await a_write_waits_for_a_lock(pool)
+            rest = [asyncio.create_task(engine.submit([t])) for t in later]
+
+            async def all_queued() -> bool:
+                return engine.queued == len(later)
+
+            await eventually(all_queued)
+        answers = [codes(await task) for task in (first, *rest)]
+
+    assert answers == [[OK]] * 4
+    assert engine.overlapped == 0
+    moments = await pool.fetchval(
+        "SELECT count(DISTINCT created_at) FROM transfers WHERE id = ANY($1::uuid[])",
+        [uuid.UUID(t.id) for t in later],
+    )
+    assert moments == 1
 
 
 # ---------------------------------------------------------------- random histories
@@ -444,7 +478,7 @@ async def test_pipelined_batches_answer_as_one_serial_batch_would(
 
     # Small batches: about forty of them, each prepared while the one
     # before it is written.
-    engine = TransferEngine(pool, max_batch=12)
+    engine = eager_engine(pool, max_batch=12)
     async with running(engine):
         answers = await asyncio.gather(*(engine.submit(r) for r in requests))
 
@@ -463,7 +497,7 @@ async def test_pipelined_writers_a_serial_one_and_closing_on_the_same_accounts_k
 ) -> None:
     world, *hot = await funded(pool, 5_000, wallets=8)
     closable = await open_accounts(pool, *(wallet_spec() for _ in range(8)))
-    engines = [TransferEngine(pool), TransferEngine(pool)]
+    engines = [eager_engine(pool), eager_engine(pool)]
     rng = random.Random(11)
     answered: list[tuple[TransferSpec, TransferCode]] = []
 
