@@ -31,6 +31,10 @@ the first is written.
   its back (another replica, CloseAccount, a second writer), nothing is
   written and the batch is applied again from fresh locked reads. So a batch
   never writes balances computed from a state that is gone.
+- A refused write means another writer is on the same rows (a replica, say).
+  Racing it again would mostly waste work, so the next batches are applied
+  serially, their locks queueing behind the other writer's, before the
+  writer overlaps again (``BACK_OFF_MAX``).
 - Nobody is answered before their own batch commits. A transfer id that N
   created is EXISTS for N+1 only if N commits, since N+1 commits only then.
   The same id created by another replica at the same moment fails one of the
@@ -38,17 +42,17 @@ the first is written.
 
 Why this cannot deadlock. The one wait PostgreSQL cannot see is N+1 waiting
 in Python for N's outcome. While it waits, N+1 holds no lock and no open
-transaction: its reads were plain and its write is not sent yet. So no lock
-wait ever ends at a batch that waits in Python; every batch that holds locks
-either runs one statement or is a serial redo that never waits for another
-batch; and every cycle of waits consists of lock waits, which PostgreSQL
-detects and breaks (DeadlockDetected, retried). Had N+1 instead locked its
-reads FOR UPDATE and then waited for N, cycles invisible to PostgreSQL would
-appear: with three batches in flight, a younger batch holding a row the
-older one's write needs while the older waits for it; and even two deep
-across replicas: A's N writes a row of its overlay that B's N+1 holds while
-B's N+1 waits for B's N, whose write needs a row A's N+1 holds while A's N+1
-waits for A's N. Ours also could not wait for the younger in Python at all.
+transaction: its reads were plain and its write is not sent yet. Every batch
+that does hold locks is either a write (one statement) or a serial redo, and
+neither waits in Python for another batch. So no lock wait ever ends at a
+batch that waits in Python, and every cycle of waits is made of lock waits
+alone, which PostgreSQL detects and breaks (DeadlockDetected: the batch is
+applied again). That is why N+1 reads without locks. Had it taken its reads
+FOR UPDATE and then waited for N, cycles would close out of PostgreSQL's
+sight: with two replicas A and B, each writing N while N+1 waits, A's N
+updates a row of its overlay (one it never locked) that B's N+1 has locked;
+B's N+1 waits for B's N, whose write needs a row A's N+1 has locked; A's N+1
+waits for A's N. Deeper pipelines can close such cycles within one process.
 
 Why two deep. The two halves use different resources, the Python thread and
 the database, so two batches keep both busy; a third could only queue for
@@ -99,6 +103,13 @@ BATCH_SECONDS = Histogram(
 # calls would otherwise make twice as many batches, each half as large.
 OVERLAP_FROM = 256
 
+# After a refused write (another writer changed rows the batch read: a
+# replica on the same accounts, say), the next batches are applied serially,
+# their locks queueing behind the other writer's instead of racing it: one
+# batch after the first refusal, twice as many after each one in a row, at
+# most this many; then the writer tries overlapping again.
+BACK_OFF_MAX = 64
+
 REDONE = Counter(
     "moneta_ledger_batches_redone_total",
     "Pipelined batches applied again from fresh locked reads, by why: stale (something"
@@ -141,11 +152,17 @@ class TransferEngine:
         self._overlap_from = overlap_from
         self._queue: collections.deque[_Queued] = collections.deque()
         self._queued = 0  # transfers in the queue
+        # Contention back-off: batches still to apply serially, and how many
+        # the next refusal in a row sets.
+        self._serial_left = 0
+        self._serial_next = 1
         self._wake = asyncio.Event()
         # Batches applied again, by reason (the REDONE counter, per engine).
         self.redone: collections.Counter[str] = collections.Counter()
         # Batches prepared while the one before them was being written.
         self.overlapped = 0
+        # Batches applied serially because writes were refused (contention).
+        self.backed_off = 0
 
     @property
     def queued(self) -> int:
@@ -217,6 +234,15 @@ class TransferEngine:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                if self._serial_left:
+                    # Backing off: the batch in flight finishes first.
+                    if older is not None:
+                        await older.committed_as_prepared
+                        continue
+                    self._serial_left -= 1
+                    self.backed_off += 1
+                    await self._commit(self._take_batch(self._max_batch))
+                    continue
                 batch = self._take_batch(self._batch_limit(older is not None))
                 if batch:
                     older = await self._prepare_and_write(batch, older)
@@ -273,10 +299,15 @@ class TransferEngine:
             stale = isinstance(exc, store.StaleBatch)
             self._count_redo("stale" if stale else "error")
             log.info("batch_redone", reason="stale" if stale else type(exc).__name__)
+            # Another writer is on the same rows: queue behind it under locks
+            # for a while rather than race it again.
+            self._serial_left = self._serial_next
+            self._serial_next = min(2 * self._serial_next, BACK_OFF_MAX)
             await self._commit(batch)
             return False
         finally:
             self._wake.set()
+        self._serial_next = 1
         self._answer(batch, prepared.results, started)
         return True
 

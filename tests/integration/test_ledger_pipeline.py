@@ -291,6 +291,25 @@ async def test_a_write_waiting_for_an_account_another_writer_then_changes_is_red
     assert await verified(pool) == []
 
 
+async def test_after_a_refused_write_the_next_batch_queues_behind_other_writers_under_locks(
+    pool: asyncpg.Pool,
+) -> None:
+    _, payer, payee, elsewhere = await funded(pool, 100, wallets=3)
+    engine = eager_engine(pool)
+    async with running(engine):
+        async with another_writer(pool, payer) as replica:
+            refused = asyncio.create_task(engine.submit([transfer(payer, payee, 10)]))
+            await a_write_waits_for_a_lock(pool)
+            await move(replica, transfer(payer, elsewhere, 10))
+        await refused
+        after = [await engine.submit([transfer(payer, payee, 10)]) for _ in range(2)]
+
+    # One batch applied serially, then back to preparing without locks.
+    assert (engine.redone, engine.backed_off) == ({"stale": 1}, 1)
+    assert [codes(a) for a in after] == [[OK], [OK]]
+    assert await posted(pool, payer, payee, elsewhere) == [60, 130, 110]
+
+
 async def test_a_write_waiting_for_an_account_rewritten_unchanged_commits_on_its_new_version(
     pool: asyncpg.Pool,
 ) -> None:
