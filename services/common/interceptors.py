@@ -38,6 +38,8 @@ _MIN_PEER_TIMEOUT = 0.005
 
 REQUEST_ID_HEADER = "x-request-id"
 _QUIET_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# A successful call slower than this is logged at INFO.
+SLOW_RPC_SECONDS = 0.5
 
 log = structlog.get_logger("moneta.rpc")
 
@@ -144,7 +146,11 @@ def _observed_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMe
                 counter = handled[code] = RPC_HANDLED.labels(method, code.name)
             counter.inc()
             latency.observe(elapsed)
-            log_at = log.debug if quiet else log.info
+            # A successful call is counted and timed above; its log line
+            # (a JSON render and a write(2) on every call in every service)
+            # is kept for DEBUG. Refusals, failures and slow calls are logged.
+            routine = code == grpc.StatusCode.OK and elapsed < SLOW_RPC_SECONDS
+            log_at = log.debug if quiet or routine else log.info
             log_at(
                 "rpc",
                 method=method,

@@ -16,6 +16,7 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 from services.common.db import MigrationError, migrate
 from services.common.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
@@ -202,6 +203,19 @@ async def test_domain_error_becomes_a_status_with_its_reason(probe_server: Runni
     error = from_rpc_error(raised.value)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.reason, error.details) == ("INVALID_AMOUNT", {"field": "amount"})
+
+
+async def test_a_successful_call_is_logged_at_debug_and_a_refused_one_at_info(
+    probe_server: Running,
+) -> None:
+    with capture_logs() as logs:
+        await _call(probe_server.address, "RequestId")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _call(probe_server.address, "Refuse")
+
+    calls = {e["method"].rsplit("/", 1)[-1]: e for e in logs if e["event"] == "rpc"}
+    assert (calls["RequestId"]["log_level"], calls["RequestId"]["code"]) == ("debug", "OK")
+    assert (calls["Refuse"]["log_level"], calls["Refuse"]["reason"]) == ("info", "INVALID_AMOUNT")
 
 
 async def test_unexpected_exception_is_internal_with_a_request_id_and_no_internals(
