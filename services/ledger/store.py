@@ -175,9 +175,10 @@ async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
     deadlock each other (PostgreSQL would detect it, and the batch would be
     applied again, but only after a second): changed transfers before
     accounts, since the final call's arguments are evaluated left to right,
-    and the accounts by one sorted locking read, which the update then
-    joins by id (not by ctid: a row another writer rewrote while this one
-    waited is locked in its new version, but reported with its old ctid)."""
+    and the accounts one primary-key probe each, in id order, before the
+    update joins them by id (not by ctid: a row another writer rewrote while
+    this one waited is locked in its new version, but reported with its old
+    ctid)."""
     transfers, entries = batch.new_transfers, batch.entries
     changed = sorted(
         zip(batch.updated_transfers, batch.transfers_read, strict=True), key=lambda c: c[0].id
@@ -198,25 +199,26 @@ async def write_batch(conn: DbConn, batch: BatchResult, now: datetime) -> None:
                    AND t.amount_reversed = u.was_reversed
                 RETURNING 1
             ), unchanged_accounts AS (
-                SELECT a.id, u.dp, u.cp, coalesce(u.dpe, $61) AS dpe,
+                SELECT u.id, u.dp, u.cp, coalesce(u.dpe, $61) AS dpe,
                        coalesce(u.cpe, $63) AS cpe, coalesce(u.touched, $65) AS touched
-                  FROM accounts AS a
-                  JOIN unnest($47::uuid[], $48::bigint[], $49::bigint[], $50::bigint[],
+                  FROM unnest($47::uuid[], $48::bigint[], $49::bigint[], $50::bigint[],
                               $51::bigint[], $52::bigint[], $54::bigint[], $56::smallint[],
                               $58::bigint[], $60::bigint[], $62::bigint[], $64::boolean[])
                        AS u(id, was_dp, was_cp, dp, cp, was_dpe, was_cpe, was_status, was_limit,
                             dpe, cpe, touched)
-                    ON a.id = u.id
-                 -- The join's condition again, as a hashed filter: the
-                 -- planner then hashes the batch's accounts, not the table.
-                 WHERE a.id = ANY($47::uuid[])
-                   AND (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending,
+                 -- One locking probe of the primary key per account, in the
+                 -- arrays' (id) order: no scan of the table, whatever the
+                 -- planner would estimate for a join.
+                 CROSS JOIN LATERAL (
+                     SELECT debits_posted, credits_posted, debits_pending,
+                            credits_pending, status, overdraft_limit
+                       FROM accounts WHERE id = u.id FOR UPDATE
+                 ) AS a
+                 WHERE (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending,
                         a.status, a.overdraft_limit)
                      = (u.was_dp, u.was_cp, coalesce(u.was_dpe, $53::bigint),
                         coalesce(u.was_cpe, $55::bigint), coalesce(u.was_status, $57::smallint),
                         coalesce(u.was_limit, $59::bigint))
-                 ORDER BY a.id
-                   FOR UPDATE OF a
             ), changed_accounts AS (
                 UPDATE accounts AS a
                    SET debits_posted = c.dp, credits_posted = c.cp,
