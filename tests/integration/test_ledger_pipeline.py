@@ -26,13 +26,11 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from services.common.db import DbConn
 from services.common.errors import FailedPrecondition
 from services.ledger import handlers, store
 from services.ledger.domain import (
     MAX_BATCH,
-    AccountCode,
-    AccountSpec,
-    AccountType,
     LedgerBatch,
     TransferCode,
     TransferOutcome,
@@ -42,33 +40,16 @@ from services.ledger.domain import (
 )
 from services.ledger.engine import TransferEngine
 from tests.conftest import TestRun, service_pool
+from tests.integration.test_ledger_store import (
+    new_id,
+    open_accounts,
+    post,
+    transfer,
+    wallet_spec,
+    world_spec,
+)
 
 OK = TransferCode.OK
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
-def transfer(debit: str, credit: str, amount: int, **fields: object) -> TransferSpec:
-    fields.setdefault("id", new_id())
-    fields.setdefault("currency", "USD")
-    return TransferSpec(
-        debit_account_id=debit,
-        credit_account_id=credit,
-        amount=amount,
-        **fields,  # type: ignore[arg-type]
-    )
-
-
-def wallet_spec() -> AccountSpec:
-    """A user wallet that cannot go below zero."""
-    return AccountSpec(id=new_id(), currency="USD", type=AccountType.USER_WALLET, no_overdraft=True)
-
-
-def world_spec() -> AccountSpec:
-    """The outside world: money enters from here, so it may go negative."""
-    return AccountSpec(id=new_id(), currency="USD", type=AccountType.EXTERNAL)
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +59,12 @@ async def pool(test_run: TestRun) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
-async def open_accounts(pool: asyncpg.Pool, *specs: AccountSpec) -> list[str]:
-    results = await handlers.create_accounts(pool, specs)
-    assert [code for _, code in results] == [AccountCode.OK] * len(specs)
-    return [s.id for s in specs]
-
-
 async def funded(pool: asyncpg.Pool, amount: int, wallets: int = 1) -> list[str]:
     """The outside world, and wallets holding ``amount`` each."""
     world, *ids = await open_accounts(pool, world_spec(), *(wallet_spec() for _ in range(wallets)))
     codes = await post(pool, *(transfer(world, w, amount) for w in ids))
     assert codes == [OK] * wallets
     return [world, *ids]
-
-
-async def post(pool: asyncpg.Pool, *specs: TransferSpec) -> list[TransferCode]:
-    """Through the serial path, as another replica's batch."""
-    return [o.code for o in await handlers.create_transfers(pool, specs)]
 
 
 async def posted(pool: asyncpg.Pool, *account_ids: str) -> list[int]:
@@ -123,9 +93,7 @@ async def prepare(
     return await handlers.prepare_items(pool, [list(specs)], overlay)
 
 
-async def move(
-    conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], *specs: TransferSpec
-) -> None:
+async def move(conn: DbConn, *specs: TransferSpec) -> None:
     """What another writer's batch does, on ``conn`` (in its transaction):
     lock the accounts, apply, write."""
     ids = sorted({uuid.UUID(a) for s in specs for a in (s.debit_account_id, s.credit_account_id)})
@@ -244,9 +212,7 @@ async def running(engine: TransferEngine) -> AsyncIterator[TransferEngine]:
 
 
 @contextlib.asynccontextmanager
-async def another_writer(
-    pool: asyncpg.Pool, *account_ids: str
-) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
+async def another_writer(pool: asyncpg.Pool, *account_ids: str) -> AsyncIterator[DbConn]:
     """Another writer mid-transaction (a replica, CloseAccount) holding the
     accounts locked; it commits when the block ends."""
     async with pool.acquire() as conn, conn.transaction():
@@ -272,17 +238,32 @@ async def a_write_waits_for_a_lock(pool: asyncpg.Pool) -> None:
     await eventually(waiting)
 
 
+async def submitted_while(
+    engine: TransferEngine,
+    pool: asyncpg.Pool,
+    request: Sequence[TransferSpec],
+    account: str,
+    meanwhile: Callable[[DbConn], Awaitable[object]],
+) -> list[TransferOutcome]:
+    """Submits ``request``, whose write then waits for ``account``: another
+    writer holds it, does ``meanwhile`` and commits."""
+    async with another_writer(pool, account) as other:
+        answer = asyncio.create_task(engine.submit(request))
+        await a_write_waits_for_a_lock(pool)
+        await meanwhile(other)
+    return await answer
+
+
 async def test_a_write_waiting_for_an_account_another_writer_then_changes_is_redone(
     pool: asyncpg.Pool,
 ) -> None:
     _, payer, payee, elsewhere = await funded(pool, 100, wallets=3)
     engine = eager_engine(pool)
     async with running(engine):
-        async with another_writer(pool, payer) as replica:
-            answer = asyncio.create_task(engine.submit([transfer(payer, payee, 50)]))
-            await a_write_waits_for_a_lock(pool)
-            await move(replica, transfer(payer, elsewhere, 60))
-        outcomes = await answer
+        outcomes = await submitted_while(
+            engine, pool, [transfer(payer, payee, 50)], payer,
+            lambda replica: move(replica, transfer(payer, elsewhere, 60)),
+        )  # fmt: skip
 
     # Applied again from fresh reads: 40 left, not enough.
     assert codes(outcomes) == [TransferCode.INSUFFICIENT_FUNDS]
@@ -297,11 +278,10 @@ async def test_after_a_refused_write_the_next_batch_queues_behind_other_writers_
     _, payer, payee, elsewhere = await funded(pool, 100, wallets=3)
     engine = eager_engine(pool)
     async with running(engine):
-        async with another_writer(pool, payer) as replica:
-            refused = asyncio.create_task(engine.submit([transfer(payer, payee, 10)]))
-            await a_write_waits_for_a_lock(pool)
-            await move(replica, transfer(payer, elsewhere, 10))
-        await refused
+        await submitted_while(
+            engine, pool, [transfer(payer, payee, 10)], payer,
+            lambda replica: move(replica, transfer(payer, elsewhere, 10)),
+        )  # fmt: skip
         after = [await engine.submit([transfer(payer, payee, 10)]) for _ in range(2)]
 
     # One batch applied serially, then back to preparing without locks.
@@ -319,14 +299,13 @@ async def test_a_write_waiting_for_an_account_rewritten_unchanged_commits_on_its
     _, payer, payee = await funded(pool, 100, wallets=2)
     engine = eager_engine(pool)
     async with running(engine):
-        async with another_writer(pool, payer) as replica:
-            answer = asyncio.create_task(engine.submit([transfer(payer, payee, 30)]))
-            await a_write_waits_for_a_lock(pool)
-            await replica.execute(
+        outcomes = await submitted_while(
+            engine, pool, [transfer(payer, payee, 30)], payer,
+            lambda replica: replica.execute(
                 "UPDATE accounts SET debits_posted = debits_posted WHERE id = $1",
                 uuid.UUID(payer),
-            )
-        outcomes = await answer
+            ),
+        )  # fmt: skip
 
     assert codes(outcomes) == [OK]
     assert engine.redone == {}
@@ -340,11 +319,10 @@ async def test_a_write_waiting_for_an_account_that_is_then_closed_is_redone(
     world, empty = await open_accounts(pool, world_spec(), wallet_spec())
     engine = eager_engine(pool)
     async with running(engine):
-        async with another_writer(pool, empty) as closer:
-            answer = asyncio.create_task(engine.submit([transfer(world, empty, 10)]))
-            await a_write_waits_for_a_lock(pool)
-            await store.mark_closed(closer, uuid.UUID(empty), "closed behind the batch's back")
-        outcomes = await answer
+        outcomes = await submitted_while(
+            engine, pool, [transfer(world, empty, 10)], empty,
+            lambda closer: store.mark_closed(closer, uuid.UUID(empty), "closed behind its back"),
+        )  # fmt: skip
 
     assert codes(outcomes) == [TransferCode.ACCOUNT_CLOSED]
     assert engine.redone == {"stale": 1}
