@@ -239,9 +239,11 @@ class TransferEngine:
                     if older is not None:
                         await older.committed_as_prepared
                         continue
-                    self._serial_left -= 1
-                    self.backed_off += 1
-                    await self._commit(self._take_batch(self._max_batch))
+                    batch = self._take_batch(self._max_batch)
+                    if batch:
+                        self._serial_left -= 1
+                        self.backed_off += 1
+                        await self._commit(batch)
                     continue
                 batch = self._take_batch(self._batch_limit(older is not None))
                 if batch:
