@@ -791,11 +791,14 @@ async def _resumed_payment(
     """The attempt object for a recorded payment, to finish it from what the
     ledger says."""
     async with pool.acquire() as conn:
-        sender = await store.fetch_wallet(conn, user_id=payment["sender_user_id"])
-        recipient = await store.fetch_wallet(conn, user_id=payment["recipient_user_id"])
+        sender, sender_accounts = await store.fetch_wallet_and_accounts(
+            conn, payment["sender_user_id"]
+        )
+        recipient, recipient_accounts = await store.fetch_wallet_and_accounts(
+            conn, payment["recipient_user_id"]
+        )
         if sender is None or recipient is None:
             return None
-        sender_accounts = await store.wallet_accounts(conn, sender["wallet_id"])
     cmd = TransferCommand(
         sender_id=str(payment["sender_user_id"]),
         recipient=("user_id", str(payment["recipient_user_id"])),
@@ -806,7 +809,7 @@ async def _resumed_payment(
     )
     return _Payment(
         pool, peers, payment["payment_id"], cmd, payment["currency"], sender, sender_accounts,
-        recipient, payment["reservation_id"],
+        recipient, payment["reservation_id"], recipient_accounts=recipient_accounts,
     )  # fmt: skip
 
 

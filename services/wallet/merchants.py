@@ -485,7 +485,7 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
         raise InvalidArgument("device_id is at most 200 characters", reason="INVALID_DEVICE_ID")
 
     async with pool.acquire() as conn:
-        wallet = await store.fetch_wallet(conn, user_id=payer_id)
+        wallet, payer_accounts = await store.fetch_wallet_and_accounts(conn, payer_id)
         if wallet is None:
             raise NotFound("the payer has no wallet", reason="WALLET_NOT_FOUND")
         what = await _understand(conn, cmd)
@@ -532,7 +532,6 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                 if reference is not None:
                     # Refused: the transaction rolls back, nothing is recorded.
                     await _claim_qr_reference(conn, merchant_id, reference, pid)
-        payer_accounts = await store.wallet_accounts(conn, wallet["wallet_id"])
 
     replayed = await handlers.admit_attempt(pool, payment, pid, fingerprint, _replay, leased=fresh)
     if replayed is not None:
