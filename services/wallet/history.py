@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
+import orjson
 
 from services.common import outbox
 from services.common.db import DbConn, atomic
@@ -56,38 +57,60 @@ class Movement:
     balance_after: int | None = None
 
 
-def _completed(row: asyncpg.Record) -> outbox.OutboxEvent:
+def _completed(
+    txn: uuid.UUID,
+    wallet_id: uuid.UUID,
+    type_: str,
+    amount: int,
+    currency: str,
+    reference_id: str,
+    balance_after: int | None,
+) -> outbox.OutboxEvent:
     """TransactionCompleted for a completed history row, added in the row's
     transaction, once per row."""
     return outbox.OutboxEvent(
-        event_id=uuid.uuid5(NAMESPACE, f"transaction-completed:{row['txn_id']}"),
+        event_id=uuid.uuid5(NAMESPACE, f"transaction-completed:{txn}"),
         event_type="TransactionCompleted",
         routing_key="transaction.completed",
-        aggregate_id=str(row["wallet_id"]),
+        aggregate_id=str(wallet_id),
         data={
-            "txn_id": str(row["txn_id"]),
-            "wallet_id": str(row["wallet_id"]),
-            "amount": to_major_units(row["amount"], row["currency"]),
-            "currency": row["currency"],
-            "type": row["type"],
-            "reference_id": row["reference_id"] or str(row["ledger_transfer_id"] or ""),
-            "new_balance": to_major_units(row["balance_after"], row["currency"])
-            if row["balance_after"] is not None
+            "txn_id": str(txn),
+            "wallet_id": str(wallet_id),
+            "amount": to_major_units(amount, currency),
+            "currency": currency,
+            "type": type_,
+            "reference_id": reference_id,
+            "new_balance": to_major_units(balance_after, currency)
+            if balance_after is not None
             else None,
         },
     )
 
 
+def _completed_row(row: asyncpg.Record) -> outbox.OutboxEvent:
+    reference = row["reference_id"] or str(row["ledger_transfer_id"] or "")
+    return _completed(row["txn_id"], row["wallet_id"], row["type"], row["amount"],
+                      row["currency"], reference, row["balance_after"])  # fmt: skip
+
+
 async def record(conn: DbConn, *movements: Movement) -> None:
-    """Records movements once each (a retry records nothing new), in one
-    statement. A movement recorded as COMPLETED announces itself through the
-    outbox, in the order given."""
+    """Records movements once each (a retry records nothing new). A movement
+    recorded as COMPLETED announces itself through the outbox, in the order
+    given. One statement, atomic by itself: the rows and the events of the
+    rows it inserted (the outbox's ``add_events`` with a row filter), with
+    no transaction of its own to open and commit."""
     for m in movements:
         assert m.type in TYPES and m.status in STATUSES and m.amount != 0
     ids = [txn_id(m.ledger_transfer_id, m.wallet_id) for m in movements]
-    async with atomic(conn):
-        rows = await conn.fetch(
-            f"""
+    events = [
+        (i, _completed(i, m.wallet_id, m.type, m.amount, m.currency,
+                       m.reference_id[:200] or str(m.ledger_transfer_id), m.balance_after))
+        for i, m in zip(ids, movements, strict=True)
+        if m.status == "COMPLETED"
+    ]  # fmt: skip
+    await conn.execute(
+        f"""
+        WITH new AS (
             INSERT INTO transactions ({_COLUMNS})
             SELECT id, w, ty, am, cu, st, cp, de, re, lt, ba, now(), now()
               FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[],
@@ -96,29 +119,36 @@ async def record(conn: DbConn, *movements: Movement) -> None:
                    WITH ORDINALITY AS u(id, w, ty, am, cu, st, cp, de, re, lt, ba, n)
              ORDER BY n
             ON CONFLICT DO NOTHING
-            RETURNING {_COLUMNS}
-            """,
-            ids,
-            [m.wallet_id for m in movements],
-            [m.type for m in movements],
-            [m.amount for m in movements],
-            [m.currency for m in movements],
-            [m.status for m in movements],
-            [m.counterparty[:200] for m in movements],
-            [m.description[:500] for m in movements],
-            [m.reference_id[:200] for m in movements],
-            [m.ledger_transfer_id for m in movements],
-            [m.balance_after for m in movements],
+            RETURNING txn_id
         )
-        inserted = {row["txn_id"]: row for row in rows}
-        await outbox.add_events(
-            conn,
-            [
-                _completed(inserted[i])
-                for i in ids
-                if i in inserted and inserted[i]["status"] == "COMPLETED"
-            ],
-        )
+        INSERT INTO outbox (event_id, event_type, routing_key, aggregate_id, envelope)
+        SELECT i, t, r, a, e::jsonb
+          FROM unnest($12::uuid[], $13::uuid[], $14::text[], $15::text[], $16::text[],
+                      $17::text[])
+               WITH ORDINALITY AS u(txn, i, t, r, a, e, n)
+         WHERE txn IN (SELECT txn_id FROM new)
+         ORDER BY n
+        ON CONFLICT (event_id) DO NOTHING
+        """,
+        ids,
+        [m.wallet_id for m in movements],
+        [m.type for m in movements],
+        [m.amount for m in movements],
+        [m.currency for m in movements],
+        [m.status for m in movements],
+        [m.counterparty[:200] for m in movements],
+        [m.description[:500] for m in movements],
+        [m.reference_id[:200] for m in movements],
+        [m.ledger_transfer_id for m in movements],
+        [m.balance_after for m in movements],
+        [i for i, _ in events],
+        [e.event_id for _, e in events],
+        [e.event_type for _, e in events],
+        [e.routing_key for _, e in events],
+        [e.aggregate_id for _, e in events],
+        [orjson.dumps(outbox.envelope(e.event_id, e.event_type, e.data)).decode()
+         for _, e in events],
+    )  # fmt: skip
 
 
 async def set_status(
@@ -150,7 +180,7 @@ async def set_status(
             list((balance_after or {}).values()),
         )
         if status == "COMPLETED":
-            await outbox.add_events(conn, [_completed(row) for row in changed])
+            await outbox.add_events(conn, [_completed_row(row) for row in changed])
 
 
 @dataclass(frozen=True)
