@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import redis.asyncio as aioredis
 import structlog
@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from moneta.ledger.v1 import ledger_pb2
+from services.common.resp import RespConnection, Script
 
 log = structlog.get_logger("moneta.wallet.cache")
 
@@ -42,7 +43,7 @@ INVALIDATIONS_PENDING = Gauge(
 # saw; one script call however many accounts (KEYS: value, generation …;
 # ARGV: ttl, then generation seen, balance … per account). Returns how many
 # it set.
-_SET_IF_GENERATION = """
+_SET_IF_GENERATION = Script("""
 local set = 0
 for i = 1, #KEYS, 2 do
     local current = redis.call('GET', KEYS[i + 1])
@@ -53,31 +54,43 @@ for i = 1, #KEYS, 2 do
     end
 end
 return set
-"""
+""")
 
 # Forgets balances: for each account, bumps its generation (so that no read
 # begun before puts an older balance back) and deletes its entry; one script
 # call however many accounts (KEYS: value, generation, value, generation …).
-_INVALIDATE = """
+# Returns the new generations, in order.
+_INVALIDATE = Script("""
+local generations = {}
 for i = 1, #KEYS, 2 do
-    redis.call('INCR', KEYS[i + 1])
+    generations[#generations + 1] = redis.call('INCR', KEYS[i + 1])
     redis.call('EXPIRE', KEYS[i + 1], ARGV[1])
     redis.call('DEL', KEYS[i])
 end
-return #KEYS / 2
-"""
+return generations
+""")
+# How many accounts' generations from this process's own invalidations are
+# remembered (see ``balances_after_write``); the oldest go first.
+_REMEMBERED = 10_000
 
 Fetch = Callable[[Sequence[uuid.UUID]], Awaitable[dict[str, ledger_pb2.Balance]]]
 
 
 class BalanceCache:
     def __init__(self, client: aioredis.Redis | None, prefix: str) -> None:
-        self._redis = client
+        # The client's server and settings, on a pipelined connection of the
+        # cache's own: every payment reads and invalidates balances (see
+        # services.common.resp).
+        self._redis = RespConnection.like(client) if client is not None else None
         self._prefix = prefix
-        self._set_script = client.register_script(_SET_IF_GENERATION) if client else None
-        self._invalidate_script = client.register_script(_INVALIDATE) if client else None
         # Accounts whose invalidation has not reached Redis yet.
         self._pending: set[str] = set()
+        # Account → the generation this process's last invalidation gave it.
+        self._invalidated: dict[str, int] = {}
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.close()
 
     def _keys(self, account: uuid.UUID | str) -> tuple[str, str]:
         return f"{self._prefix}balance:{account}", f"{self._prefix}balance-gen:{account}"
@@ -91,17 +104,17 @@ class BalanceCache:
         if self._pending and not await self._flush_pending():
             return await fetch(accounts)
         try:
-            keys = [self._keys(a) for a in accounts]
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.mget([k for k, _ in keys])
-            pipe.mget([g for _, g in keys])
-            cached, generations = await pipe.execute()
+            # Each account's balance and generation, side by side, in one command.
+            replies = await self._redis.call(
+                "MGET", *(key for a in accounts for key in self._keys(a))
+            )
         except (RedisError, OSError, TimeoutError) as exc:
             CACHE_READS.labels("redis_down").inc()
             log.warning("balance_cache_unavailable", error=str(exc))
             return await fetch(accounts)
         found: dict[str, ledger_pb2.Balance] = {}
         missing: list[uuid.UUID] = []
+        cached, generations = replies[0::2], replies[1::2]
         for account, raw in zip(accounts, cached, strict=True):
             if raw is None:
                 missing.append(account)
@@ -116,10 +129,29 @@ class BalanceCache:
             await self._fill(fetched, seen)
         return found
 
+    async def balances_after_write(
+        self, accounts: Sequence[uuid.UUID], fetch: Fetch
+    ) -> dict[str, ledger_pb2.Balance]:
+        """Balances of accounts this process has just invalidated (after a
+        write of its own): their entries are gone, so the ledger is asked
+        without a look in Redis first, and the cache is filled with them
+        unless another invalidation came since this process's (the
+        generation it set then is the one a reader would have seen).
+        Accounts whose invalidation is not known here are read as usual."""
+        generations = {str(a): self._invalidated.pop(str(a), None) for a in accounts}
+        if self._redis is None or self._pending or None in generations.values():
+            return await self.balances(accounts, fetch)
+        CACHE_READS.labels("miss").inc(len(accounts))
+        fetched = await fetch(accounts)
+        await self._fill(fetched, generations)
+        return fetched
+
     async def _fill(
-        self, fetched: dict[str, ledger_pb2.Balance], generations: dict[str, bytes | None]
+        self,
+        fetched: dict[str, ledger_pb2.Balance],
+        generations: Mapping[str, bytes | int | None],
     ) -> None:
-        assert self._set_script is not None
+        assert self._redis is not None
         keys: list[str] = []
         args: list[bytes | int] = [TTL_SECONDS]
         for account, balance in fetched.items():
@@ -128,7 +160,7 @@ class BalanceCache:
         if not keys:
             return
         try:
-            await self._set_script(keys=keys, args=args)
+            await self._redis.run(_SET_IF_GENERATION, keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("balance_cache_fill_failed", error=str(exc))
 
@@ -144,15 +176,21 @@ class BalanceCache:
 
     async def _flush_pending(self) -> bool:
         """Invalidates every pending account; True when none is left."""
-        assert self._invalidate_script is not None
+        assert self._redis is not None
         pending = set(self._pending)
+        pending_list = list(pending)
         try:
-            keys = [key for account in pending for key in self._keys(account)]
-            await self._invalidate_script(keys=keys, args=[TTL_SECONDS * 2])
+            keys = [key for account in pending_list for key in self._keys(account)]
+            generations = await self._redis.run(_INVALIDATE, keys, [TTL_SECONDS * 2])
         except (RedisError, OSError, TimeoutError) as exc:
             INVALIDATIONS_PENDING.set(len(self._pending))
             log.error("balance_cache_invalidation_failed", error=str(exc), accounts=len(pending))
             return False
+        for account, generation in zip(pending_list, generations, strict=True):
+            self._invalidated.pop(account, None)  # to the end: the newest
+            self._invalidated[account] = generation
+        while len(self._invalidated) > _REMEMBERED:
+            del self._invalidated[next(iter(self._invalidated))]
         self._pending -= pending
         INVALIDATIONS_PENDING.set(len(self._pending))
         return not self._pending

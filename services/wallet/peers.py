@@ -88,6 +88,7 @@ class Peers:
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
+        await self.cache.close()
 
     # ---------------------------------------------------------------- ledger
 
@@ -149,6 +150,13 @@ class Peers:
     async def balances(self, account_ids: Sequence[uuid.UUID]) -> dict[str, ledger_pb2.Balance]:
         """Balances by account id, read through the cache."""
         return await self.cache.balances(account_ids, self._ledger_balances)
+
+    async def balances_after_write(
+        self, account_ids: Sequence[uuid.UUID]
+    ) -> dict[str, ledger_pb2.Balance]:
+        """Balances of accounts this process has just written and
+        invalidated, from the ledger (see ``BalanceCache.balances_after_write``)."""
+        return await self.cache.balances_after_write(account_ids, self._ledger_balances)
 
     async def _ledger_balances(
         self, account_ids: Sequence[uuid.UUID]
