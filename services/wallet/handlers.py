@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC
 from decimal import Decimal
@@ -344,6 +345,16 @@ class TransactionDeclined(FailedPrecondition):
     default_reason = "TRANSACTION_DECLINED"
 
 
+def _recipient_uuid(by: str, value: str) -> uuid.UUID | None:
+    """The recipient's user id when it is given as a well-formed one."""
+    if by != "user_id":
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None  # refused as _resolve_recipient refuses it
+
+
 async def _resolve_recipient(conn: DbConn, by: str, value: str) -> asyncpg.Record:
     if by == "user_id":
         row = await store.fetch_user(conn, parse_uuid(value, "recipient.user_id"))
@@ -372,21 +383,28 @@ async def transfer(
         raise InvalidArgument("note is at most 500 characters", reason="INVALID_NOTE")
 
     async with pool.acquire() as conn:
-        sender_wallet, sender_accounts = await store.fetch_wallet_and_accounts(conn, sender_id)
-        if sender_wallet is None:
-            raise NotFound("the sender has no wallet", reason="WALLET_NOT_FOUND")
-        currency = validate_currency(cmd.currency or sender_wallet["default_currency"])
-        recipient = await _resolve_recipient(conn, *cmd.recipient)
-        if recipient["user_id"] == sender_id:
-            raise InvalidArgument("a transfer to oneself moves nothing", reason="SELF_TRANSFER")
-        recipient_wallet, recipient_accounts = await store.fetch_wallet_and_accounts(
-            conn, recipient["user_id"]
+        # A recipient named by a well-formed id is read with the sender, in
+        # one round trip; one named otherwise is found first.
+        recipient_id = _recipient_uuid(*cmd.recipient)
+        wallets = await store.fetch_wallets_and_accounts(
+            conn, [sender_id] if recipient_id is None else [sender_id, recipient_id]
         )
-        if recipient_wallet is None:
+        if sender_id not in wallets:
+            raise NotFound("the sender has no wallet", reason="WALLET_NOT_FOUND")
+        sender_wallet, sender_accounts = wallets[sender_id]
+        currency = validate_currency(cmd.currency or sender_wallet["default_currency"])
+        if recipient_id is None:
+            recipient_id = (await _resolve_recipient(conn, *cmd.recipient))["user_id"]
+            if recipient_id != sender_id:
+                wallets |= await store.fetch_wallets_and_accounts(conn, [recipient_id])
+        if recipient_id == sender_id:
+            raise InvalidArgument("a transfer to oneself moves nothing", reason="SELF_TRANSFER")
+        if recipient_id not in wallets:  # no such user, or one without a wallet
             raise NotFound("no such recipient", reason="RECIPIENT_NOT_FOUND")
+        recipient_wallet, recipient_accounts = wallets[recipient_id]
         pid = payment_id(sender_id, key)
         fingerprint = request_hash(
-            recipient=recipient["user_id"],
+            recipient=recipient_id,
             amount=cmd.amount,
             currency=currency,
             note=cmd.note,
@@ -399,7 +417,7 @@ async def transfer(
             sender_user_id=sender_id,
             idempotency_key=key,
             request_hash=fingerprint,
-            recipient_user_id=recipient["user_id"],
+            recipient_user_id=recipient_id,
             amount=cmd.amount,
             currency=currency,
             note=cmd.note,
@@ -629,7 +647,7 @@ class _Payment:
     async def _complete(self, *, held: bool) -> TransferOutcome:
         """The money has moved: count the spend and record the outcome
         (``held``: after a review hold, whose history rows exist already)."""
-        await commit_spend(
+        spend = commit_spend(
             self.peers,
             self.pid,
             self.reservation_id,
@@ -641,7 +659,7 @@ class _Payment:
         balance = await complete_p2p(
             self.pool, self.peers, self.pid, self.sender_wallet, self.recipient_wallet,
             self.cmd.amount, self.currency, self.cmd.note, held=held,
-            cache_fresh=self.cache_fresh,
+            cache_fresh=self.cache_fresh, spend=spend,
         )  # fmt: skip
         log.info("transfer_completed", transfer_id=str(self.pid), amount=self.cmd.amount,
                  currency=self.currency)  # fmt: skip
@@ -685,65 +703,73 @@ async def complete_p2p(
     note: str,
     *,
     held: bool,
+    spend: Awaitable[None],
     cache_fresh: bool = False,
 ) -> int:
-    """Records a P2P payment whose money moved: both wallets' history and
-    the payment's outcome, in one transaction. Returns the sender's available
-    balance afterwards. ``held``: the money moved by posting a review hold,
+    """Records a P2P payment whose money moved: both wallets' history, then
+    the payment's outcome, once ``spend`` (the budget's commit) is done; it
+    runs beside the read of the balances, and nothing is recorded if it
+    fails. Returns the sender's available balance afterwards. ``held``: the money moved by posting a review hold,
     so the sender's history row exists already and is completed here (a
     payment never held has no rows but those this call writes).
     ``cache_fresh``: the caller moved the money a moment ago and its balances
-    were invalidated as the ledger answered."""
+    were invalidated as the ledger answered. The wallets are rows of
+    ``store.fetch_wallets_and_accounts``: their owners' names for each
+    other's rows, and whether the recipient owed (only then are its debts
+    looked at; one that arose meanwhile is left to the banking relay's
+    sweep)."""
     sender_account = wallet_account_id(sender_wallet["wallet_id"], currency)
     recipient_account = wallet_account_id(recipient_wallet["wallet_id"], currency)
     if not cache_fresh:
         # The money may have moved long after the write that invalidated
         # these (a timed-out call the ledger applied late): read them fresh.
         await peers.cache.invalidate([sender_account, recipient_account])
-    balances = await peers.balances([sender_account, recipient_account])
+    _, balances = await asyncio.gather(
+        spend, peers.balances_after_write([sender_account, recipient_account])
+    )
     sender_balance = balances[str(sender_account)]
     recipient_balance = balances.get(str(recipient_account))
-    async with pool.acquire() as conn:
-        users = await store.fetch_users(
-            conn, [sender_wallet["user_id"], recipient_wallet["user_id"]]
-        )
-        sender, recipient = users[sender_wallet["user_id"]], users[recipient_wallet["user_id"]]
-        async with conn.transaction():
-            await history.record(
+    # Without a review hold the rows are new: they are written, and then the
+    # outcome, each atomic on its own. A crash between the two leaves the
+    # payment PROCESSING for the reconciler, whose second go records nothing
+    # twice. After a hold, rows change status too: one transaction.
+    async with pool.acquire() as conn, conn.transaction() if held else nullcontext():
+        await history.record(
+            conn,
+            history.Movement(
+                wallet_id=sender_wallet["wallet_id"], ledger_transfer_id=pid,
+                type="P2P_OUT", amount=-amount, currency=currency, status="COMPLETED",
+                counterparty=display_name(recipient_wallet["full_name"],
+                                          recipient_wallet["username"], recipient_wallet["email"]),
+                description=note, balance_after=sender_balance.posted,
+            ),
+            history.Movement(
+                wallet_id=recipient_wallet["wallet_id"], ledger_transfer_id=pid,
+                type="P2P_IN", amount=amount, currency=currency, status="COMPLETED",
+                counterparty=display_name(sender_wallet["full_name"],
+                                          sender_wallet["username"], sender_wallet["email"]),
+                description=note,
+                balance_after=recipient_balance.posted if recipient_balance else None,
+            ),
+        )  # fmt: skip
+        if held:
+            # A payment confirmed after review already had its sender's row.
+            await history.set_status(
                 conn,
-                history.Movement(
-                    wallet_id=sender_wallet["wallet_id"], ledger_transfer_id=pid,
-                    type="P2P_OUT", amount=-amount, currency=currency, status="COMPLETED",
-                    counterparty=display_name(recipient["full_name"], recipient["username"],
-                                              recipient["email"]),
-                    description=note, balance_after=sender_balance.posted,
-                ),
-                history.Movement(
-                    wallet_id=recipient_wallet["wallet_id"], ledger_transfer_id=pid,
-                    type="P2P_IN", amount=amount, currency=currency, status="COMPLETED",
-                    counterparty=display_name(sender["full_name"], sender["username"],
-                                              sender["email"]),
-                    description=note,
-                    balance_after=recipient_balance.posted if recipient_balance else None,
-                ),
-            )  # fmt: skip
-            if held:
-                # A payment confirmed after review already had its sender's row.
-                await history.set_status(
-                    conn,
-                    pid,
-                    "COMPLETED",
-                    {
-                        sender_wallet["wallet_id"]: sender_balance.posted,
-                        **(
-                            {recipient_wallet["wallet_id"]: recipient_balance.posted}
-                            if recipient_balance
-                            else {}
-                        ),
-                    },
-                )
-            await store.complete_payment(conn, pid, sender_balance.available)
-    await repay_debts_after_incoming(pool, peers, recipient_wallet["wallet_id"], currency)
+                pid,
+                "COMPLETED",
+                {
+                    sender_wallet["wallet_id"]: sender_balance.posted,
+                    **(
+                        {recipient_wallet["wallet_id"]: recipient_balance.posted}
+                        if recipient_balance
+                        else {}
+                    ),
+                },
+            )
+        await store.complete_payment(conn, pid, sender_balance.available)
+    if recipient_wallet["owes"]:
+        await repay_debts_after_incoming(pool, peers, recipient_wallet["wallet_id"], currency)
     return int(sender_balance.available)
 
 
@@ -791,14 +817,13 @@ async def _resumed_payment(
     """The attempt object for a recorded payment, to finish it from what the
     ledger says."""
     async with pool.acquire() as conn:
-        sender, sender_accounts = await store.fetch_wallet_and_accounts(
-            conn, payment["sender_user_id"]
+        wallets = await store.fetch_wallets_and_accounts(
+            conn, [payment["sender_user_id"], payment["recipient_user_id"]]
         )
-        recipient, recipient_accounts = await store.fetch_wallet_and_accounts(
-            conn, payment["recipient_user_id"]
-        )
-        if sender is None or recipient is None:
-            return None
+    if payment["sender_user_id"] not in wallets or payment["recipient_user_id"] not in wallets:
+        return None
+    sender, sender_accounts = wallets[payment["sender_user_id"]]
+    recipient, recipient_accounts = wallets[payment["recipient_user_id"]]
     cmd = TransferCommand(
         sender_id=str(payment["sender_user_id"]),
         recipient=("user_id", str(payment["recipient_user_id"])),
@@ -1013,9 +1038,8 @@ async def confirm_transfer(
         if not await store.take_lease(conn, pid, LEASE_SECONDS):
             raise Aborted("the transfer is being confirmed; retry shortly",
                           reason="REQUEST_IN_PROGRESS")  # fmt: skip
-        sender_wallet = await store.fetch_wallet(conn, user_id=uid)
-        recipient_wallet = await store.fetch_wallet(conn, user_id=payment["recipient_user_id"])
-    assert sender_wallet is not None and recipient_wallet is not None
+        wallets = await store.fetch_wallets_and_accounts(conn, [uid, payment["recipient_user_id"]])
+    (sender_wallet, _), (recipient_wallet, _) = wallets[uid], wallets[payment["recipient_user_id"]]
     try:
         # The wallets may have changed while the payment waited.
         ensure_can_send(WalletStatus(sender_wallet["status"]))
@@ -1039,11 +1063,11 @@ async def confirm_transfer(
                            + ledger_pb2.TransferResult.Code.Name(result.code),
                            reason="LEDGER_REFUSED")  # fmt: skip
         reservation = str(payment["reservation_id"]) if payment["reservation_id"] else None
-        await commit_spend(peers, pid, reservation, sender_wallet, payment["amount"],
-                           payment["currency"], "P2P")  # fmt: skip
+        spend = commit_spend(peers, pid, reservation, sender_wallet, payment["amount"],
+                             payment["currency"], "P2P")  # fmt: skip
         balance = await complete_p2p(pool, peers, pid, sender_wallet, recipient_wallet,
                                      payment["amount"], payment["currency"], payment["note"],
-                                     held=True)  # fmt: skip
+                                     held=True, spend=spend)  # fmt: skip
     finally:
         async with pool.acquire() as conn:
             await store.release_lease(conn, pid)

@@ -70,16 +70,6 @@ async def fetch_user(conn: DbConn, user_id: uuid.UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE user_id = $1", user_id)
 
 
-async def fetch_users(
-    conn: DbConn, user_ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, asyncpg.Record]:
-    """Users by id, in one round trip; an unknown id is missing."""
-    rows = await conn.fetch(
-        f"SELECT {_USER_COLUMNS} FROM users WHERE user_id = ANY($1::uuid[])", list(user_ids)
-    )
-    return {row["user_id"]: row for row in rows}
-
-
 async def find_user(conn: DbConn, *, by: str, value: str) -> asyncpg.Record | None:
     """A user by email, phone or username (email and username ignore case)."""
     where = {
@@ -145,23 +135,44 @@ async def fetch_wallet_and_accounts(
     conn: DbConn, user_id: uuid.UUID
 ) -> tuple[asyncpg.Record | None, dict[str, uuid.UUID]]:
     """The user's wallet and its ledger accounts by currency (as
-    ``wallet_accounts``), in one round trip."""
-    row = await conn.fetchrow(
+    ``wallet_accounts``), in one round trip; the row as
+    ``fetch_wallets_and_accounts`` gives it."""
+    return (await fetch_wallets_and_accounts(conn, [user_id])).get(user_id, (None, {}))
+
+
+async def fetch_wallets_and_accounts(
+    conn: DbConn, user_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[asyncpg.Record, dict[str, uuid.UUID]]]:
+    """The users' wallets, each with its ledger accounts by currency (as
+    ``wallet_accounts``), by user id, in one round trip; a user without a
+    wallet is missing. Each row also holds what a payment needs of its
+    owner and payee: the owner's display fields (``full_name``, ``username``,
+    ``email``) and ``owes`` (the wallet has an unpaid bank debt, as of this
+    read)."""
+    rows = await conn.fetch(
         f"""
         SELECT {", ".join("w." + c.strip() for c in _WALLET_COLUMNS.split(","))},
+               u.full_name, u.username, u.email,
+               EXISTS (SELECT FROM bank_debts d
+                        WHERE d.wallet_id = w.wallet_id AND d.repaid < d.amount) AS owes,
                array_agg(a.currency ORDER BY a.created_at, a.currency)
                    FILTER (WHERE a.currency IS NOT NULL) AS account_currencies,
                array_agg(a.ledger_account_id ORDER BY a.created_at, a.currency)
                    FILTER (WHERE a.currency IS NOT NULL) AS account_ids
-          FROM wallets w LEFT JOIN wallet_accounts a ON a.wallet_id = w.wallet_id
-         WHERE w.user_id = $1
-         GROUP BY w.wallet_id
+          FROM wallets w JOIN users u ON u.user_id = w.user_id
+               LEFT JOIN wallet_accounts a ON a.wallet_id = w.wallet_id
+         WHERE w.user_id = ANY($1::uuid[])
+         GROUP BY w.wallet_id, u.user_id
         """,
-        user_id,
+        list(user_ids),
     )
-    if row is None:
-        return None, {}
-    return row, dict(zip(row["account_currencies"] or (), row["account_ids"] or (), strict=True))
+    return {
+        row["user_id"]: (
+            row,
+            dict(zip(row["account_currencies"] or (), row["account_ids"] or (), strict=True)),
+        )
+        for row in rows
+    }
 
 
 async def wallet_accounts(conn: DbConn, wallet_id: uuid.UUID) -> dict[str, uuid.UUID]:

@@ -49,6 +49,51 @@ async def test_a_p2p_transfer_appears_in_both_histories_with_masked_counterparti
     assert alice.email not in came["counterparty"]
 
 
+async def test_a_transfer_to_a_user_id_names_each_side_to_the_other(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    alice = await create_person(wallet_stub, http, mesh, "20.00")
+    bob = await create_person(wallet_stub, http, mesh, "0")
+    sent = await send(http, mesh, alice, bob.user_id, "5.00", "by-id")
+    assert (sent.status_code, sent.json()["sender_balance"]) == (200, "15.00")
+
+    out = (await history(http, mesh, alice)).json()["transactions"][0]
+    came = (await history(http, mesh, bob)).json()["transactions"][0]
+
+    assert (out["type"], out["counterparty"]) == ("P2P_OUT", f"Person {bob.username[0]}.")
+    assert (came["type"], came["counterparty"]) == ("P2P_IN", f"Person {alice.username[0]}.")
+
+
+async def test_a_transfer_to_a_user_id_without_a_wallet_or_to_ones_own_moves_nothing(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    import uuid
+
+    from moneta.wallet.v1 import wallet_pb2
+
+    alice = await create_person(wallet_stub, http, mesh, "10.00")
+    walletless = str(uuid.uuid4())
+    await wallet_stub.CreateUser(
+        wallet_pb2.CreateUserRequest(
+            user=wallet_pb2.User(user_id=walletless, email=f"w{walletless[:8]}@example.com",
+                                 default_currency="USD")
+        )
+    )  # fmt: skip
+
+    to_self = await send(http, mesh, alice, alice.user_id, "1.00", "self-by-id")
+    no_wallet = await send(http, mesh, alice, walletless, "1.00", "no-wallet")
+    nobody = await send(http, mesh, alice, str(uuid.uuid4()), "1.00", "nobody")
+
+    assert (to_self.status_code, to_self.json()["error"]["reason"]) == (400, "SELF_TRANSFER")
+    for refused in (no_wallet, nobody):
+        assert (refused.status_code, refused.json()["error"]["reason"]) == (
+            404,
+            "RECIPIENT_NOT_FOUND",
+        )
+    wallet = (await http.get(f"/api/v1/wallets/{alice.user_id}", headers=mesh.admin())).json()
+    assert wallet["balance"] == "10.00"
+
+
 async def test_history_pages_newest_first_and_filters(
     mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
 ) -> None:
