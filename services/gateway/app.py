@@ -264,6 +264,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         yield
         await app.state.upstreams.close()
+        await app.state.replays.close()
+        if app.state.limiter is not None:
+            await app.state.limiter.close()
         await redis.aclose()
 
     app = FastAPI(

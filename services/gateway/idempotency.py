@@ -33,6 +33,7 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from services.common.errors import Aborted, AlreadyExists, MonetaError
+from services.common.resp import RespConnection, Script
 from services.gateway.resilience import CircuitBreaker, RetryLater
 
 log = structlog.get_logger("moneta.gateway")
@@ -44,10 +45,10 @@ IDEMPOTENCY = Counter(
 )
 
 # Deletes the lease only while it is still ours.
-_RELEASE = """
+_RELEASE = Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
+""")
 _POLL_SECONDS = 0.02
 
 
@@ -100,13 +101,18 @@ class ReplayCache:
         wait_seconds: float,
         breaker: CircuitBreaker,
     ) -> None:
-        self._redis = redis
+        # The client's server and settings, on a pipelined connection of the
+        # cache's own: every money-moving request claims and stores a key
+        # (see services.common.resp).
+        self._redis = RespConnection.like(redis)
         self._prefix = f"{prefix}gw:idem:"
         self._ttl_ms = ttl_seconds * 1000
         self._lease_ms = int(lease_seconds * 1000)
         self._wait = wait_seconds
         self._breaker = breaker
-        self._release = redis.register_script(_RELEASE)
+
+    async def close(self) -> None:
+        await self._redis.close()
 
     def _key(self, caller: str, key: str) -> str:
         scoped = hashlib.sha256(f"{caller}\0{key}".encode()).hexdigest()[:40]
@@ -129,7 +135,7 @@ class ReplayCache:
         lease = orjson.dumps({"lease": secrets.token_hex(8), "fp": fingerprint})
         while True:
             claimed = await self._redis_call(
-                self._redis.set(redis_key, lease, nx=True, px=self._lease_ms)
+                self._redis.call("SET", redis_key, lease, "NX", "PX", self._lease_ms)
             )
             if claimed is None:  # Redis unavailable: the upstream's own idempotency stands
                 IDEMPOTENCY.labels("unavailable").inc()
@@ -144,12 +150,12 @@ class ReplayCache:
         try:
             answer = await _final(run, error_answer)
         except BaseException:
-            await self._redis_call(self._release(keys=[redis_key], args=[lease]))
+            await self._redis_call(self._redis.run(_RELEASE, [redis_key], [lease]))
             raise
         stored_value = orjson.dumps(
             {"fp": fingerprint, "status": answer.status, "body": answer.body.decode()}
         )
-        await self._redis_call(self._redis.set(redis_key, stored_value, px=self._ttl_ms))
+        await self._redis_call(self._redis.call("SET", redis_key, stored_value, "PX", self._ttl_ms))
         return answer
 
     async def _follow(self, redis_key: str, fingerprint: str, give_up: float) -> Answer | None:
@@ -157,7 +163,7 @@ class ReplayCache:
         the key was let go (or Redis went away) meanwhile."""
         loop = asyncio.get_running_loop()
         while True:
-            raw = await self._redis_call(self._redis.get(redis_key))
+            raw = await self._redis_call(self._redis.call("GET", redis_key))
             if not raw:
                 return None
             entry: dict[str, Any] = orjson.loads(raw)

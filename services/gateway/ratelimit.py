@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from services.common.errors import ResourceExhausted
+from services.common.resp import RespConnection, Script
 from services.gateway.resilience import CircuitBreaker, RetryLater
 
 log = structlog.get_logger("moneta.gateway")
@@ -36,7 +37,7 @@ DEGRADED = Counter(
 # KEYS: one bucket per key. ARGV: for each key its rate (tokens/s) and burst.
 # Returns {0, 0} when every bucket had a token (one is taken from each), or
 # {milliseconds until the emptiest would have one, index of that bucket}.
-_BUCKETS_SCRIPT = """
+_BUCKETS_SCRIPT = Script("""
 local now_parts = redis.call('TIME')
 local now = now_parts[1] * 1000 + math.floor(now_parts[2] / 1000)
 local levels = {}
@@ -66,7 +67,7 @@ for i, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, math.ceil(burst * 1000 / rate) + 1000)
 end
 return {0, 0}
-"""
+""")
 
 
 class RateLimited(ResourceExhausted):
@@ -90,8 +91,13 @@ class RateLimiter:
         self._user = (user_rate, user_burst)
         self._ip = (ip_rate, ip_burst)
         self._breaker = breaker
-        self._script = redis.register_script(_BUCKETS_SCRIPT)
+        # The client's server and settings, on a pipelined connection of the
+        # limiter's own: every request runs the script (see services.common.resp).
+        self._redis = RespConnection.like(redis)
         self._degraded = False
+
+    async def close(self) -> None:
+        await self._redis.close()
 
     async def check(self, user_id: str | None, ip: str | None) -> None:
         """Takes a token from the caller's buckets, or raises RateLimited."""
@@ -110,7 +116,7 @@ class RateLimiter:
             return
         try:
             self._breaker.before_call()
-            wait_ms, which = await self._script(keys=keys, args=args)
+            wait_ms, which = await self._redis.run(_BUCKETS_SCRIPT, keys, args)
         except (TimeoutError, RetryLater, RedisError, OSError) as exc:
             if not isinstance(exc, RetryLater):
                 self._breaker.failed()
