@@ -11,7 +11,7 @@ from moneta.common.v1.money_pb2 import Money
 from moneta.fraud.v1 import fraud_pb2 as pb
 from moneta.fraud.v1 import fraud_pb2_grpc
 from services.common.errors import InvalidArgument
-from services.common.grpc_util import actor_id, from_timestamp, timestamp
+from services.common.grpc_util import actor_id, timestamp
 from services.fraud.domain import ListKind, ScoreCommand, Subject, Verdict
 from services.fraud.handlers import FraudService
 
@@ -99,7 +99,8 @@ class FraudApi(fraud_pb2_grpc.FraudServiceServicer):
                 has_location=request.has_location,
                 latitude=request.latitude,
                 longitude=request.longitude,
-                timestamp=from_timestamp(request.timestamp, "timestamp").timestamp()
+                # Seconds since the epoch, put in range by read_transaction.
+                timestamp=request.timestamp.seconds + request.timestamp.nanos / 1e9
                 if request.HasField("timestamp")
                 else None,
             )

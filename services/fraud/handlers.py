@@ -56,6 +56,8 @@ DEGRADED = Counter(
 MODEL_LOADED = Gauge("moneta_fraud_model_loaded", "1 while a trained model scores; 0: rules only.")
 
 _DECIDED = {d: DECISIONS.labels(d.name) for d in Decision}
+# A counter per rule code, looked up once: labels() takes a lock and builds a key.
+_FIRED: dict[str, Counter] = {}
 _DB_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)
 _MAX_TEXT = 500
 
@@ -167,7 +169,10 @@ class FraudService:
             )
         _DECIDED[verdict.decision].inc()
         for reason in verdict.reasons:
-            RULES_FIRED.labels(reason.code).inc()
+            fired = _FIRED.get(reason.code)
+            if fired is None:
+                fired = _FIRED[reason.code] = RULES_FIRED.labels(reason.code)
+            fired.inc()
         if review_id is not None:
             log.info("review_opened", transaction_id=str(tx.transaction_id),
                      review_id=str(review_id), score=verdict.score)  # fmt: skip

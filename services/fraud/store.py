@@ -9,7 +9,7 @@ import contextvars
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -410,7 +410,9 @@ def _decision_row(tx: Transaction, verdict: Verdict) -> tuple[Any, ...]:
     lat, lon = tx.location if tx.location is not None else (None, None)
     return (
         tx.transaction_id, tx.user_id, tx.type, tx.amount, tx.currency, verdict.score,
-        int(verdict.decision), [asdict(r) for r in verdict.reasons], dict(verdict.features),
+        int(verdict.decision),
+        [{"code": r.code, "detail": r.detail, "weight": r.weight} for r in verdict.reasons],
+        dict(verdict.features),
         verdict.model_version, int(tx.recipient_kind), tx.recipient_id, tx.device_id, tx.ip,
         tx.country, lat, lon, tx.at, verdict.degraded,
     )  # fmt: skip
