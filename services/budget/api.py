@@ -140,6 +140,7 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
         self, pool: asyncpg.Pool, default_ttl_seconds: int, rates: str = DEFAULT_FX_RATES
     ) -> None:
         self._pool = pool
+        self._writer = handlers.ReservationWriter(pool)
         self._default_ttl = default_ttl_seconds
         self._rates = configured_table(rates)
 
@@ -275,19 +276,19 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
             reference=request.reference,
             ttl_seconds=request.ttl_seconds,
         )
-        row = await handlers.reserve(self._pool, cmd, self._default_ttl, self._rates)
+        row = await handlers.reserve(self._writer, cmd, self._default_ttl, self._rates)
         return pb.ReserveResponse(reservation=reservation_to_pb(row))
 
     async def Commit(
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommitResponse:
-        row = await handlers.commit(self._pool, request.reservation_id)
+        row = await handlers.commit(self._writer, request.reservation_id)
         return pb.CommitResponse(reservation=reservation_to_pb(row))
 
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
-        row = await handlers.release(self._pool, request.reservation_id)
+        row = await handlers.release(self._writer, request.reservation_id)
         return pb.ReleaseResponse(reservation=reservation_to_pb(row))
 
     async def Refund(

@@ -23,6 +23,7 @@ from services.budget.domain import (
     PolicyBudget,
     Rollover,
 )
+from services.budget.handlers import ReservationWriter
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tests import conftest
 from tests.integration.test_budget_reservations import (
@@ -53,7 +54,9 @@ async def create(pool: asyncpg.Pool, user_id: str, **overrides: Any) -> asyncpg.
 
 
 async def reserve(pool: asyncpg.Pool, user_id: str, amount: int, **kw: Any) -> str:
-    row = await handlers.reserve(pool, reserve_command(user_id, amount, **kw), DEFAULT_TTL, RATES)
+    row = await handlers.reserve(
+        ReservationWriter(pool), reserve_command(user_id, amount, **kw), DEFAULT_TTL, RATES
+    )
     return str(row["reservation_id"])
 
 
@@ -118,7 +121,9 @@ async def test_suspended_budget_no_longer_applies_to_spend(
         actor="m",
     )
 
-    row = await handlers.reserve(budget_pool, reserve_command(user_id, 5_000), DEFAULT_TTL, RATES)
+    row = await handlers.reserve(
+        ReservationWriter(budget_pool), reserve_command(user_id, 5_000), DEFAULT_TTL, RATES
+    )
 
     assert list(row["budget_ids"]) == []
 
@@ -232,7 +237,7 @@ async def test_a_threshold_is_announced_once_per_period_even_when_crossed_again(
 ) -> None:
     budget = await create(budget_pool, user_id, total_amount=10_000)
     first = await reserve(budget_pool, user_id, 8_500)
-    await handlers.release(budget_pool, first)
+    await handlers.release(ReservationWriter(budget_pool), first)
 
     await reserve(budget_pool, user_id, 9_000)
 
@@ -315,7 +320,7 @@ async def test_commit_of_an_expired_reservation_is_refused_and_charges_nothing(
     await backdate_expiry(budget_pool, rid)
 
     with pytest.raises(FailedPrecondition) as caught:
-        await handlers.commit(budget_pool, rid)
+        await handlers.commit(ReservationWriter(budget_pool), rid)
 
     assert caught.value.reason == "RESERVATION_EXPIRED"
     row = await handlers.get_budget(budget_pool, str(budget["budget_id"]))

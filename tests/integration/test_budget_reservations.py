@@ -16,6 +16,7 @@ import pytest
 
 from services.budget import handlers, store
 from services.budget.domain import BudgetExceeded, Mode, ReservationStatus
+from services.budget.handlers import ReservationWriter
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -89,7 +90,9 @@ def reserve_command(
 
 
 async def reserve(pool: asyncpg.Pool, user_id: str, amount: int = 1_000, **kw: Any) -> str:
-    row = await handlers.reserve(pool, reserve_command(user_id, amount, **kw), DEFAULT_TTL, RATES)
+    row = await handlers.reserve(
+        ReservationWriter(pool), reserve_command(user_id, amount, **kw), DEFAULT_TTL, RATES
+    )
     return str(row["reservation_id"])
 
 
@@ -255,7 +258,9 @@ async def test_reserve_returns_a_reserved_reservation_naming_its_budgets(
 ) -> None:
     budget_id = await create_budget(budget_pool, user_id)
 
-    row = await handlers.reserve(budget_pool, reserve_command(user_id, 2_500), DEFAULT_TTL, RATES)
+    row = await handlers.reserve(
+        ReservationWriter(budget_pool), reserve_command(user_id, 2_500), DEFAULT_TTL, RATES
+    )
 
     assert ReservationStatus(row["status"]) == ReservationStatus.RESERVED
     assert list(row["budget_ids"]) == [budget_id]
@@ -268,7 +273,7 @@ async def test_commit_moves_the_hold_from_reserved_to_used(
     budget_id = await create_budget(budget_pool, user_id)
     reservation_id = await reserve(budget_pool, user_id, 2_500)
 
-    row = await handlers.commit(budget_pool, reservation_id)
+    row = await handlers.commit(ReservationWriter(budget_pool), reservation_id)
 
     assert ReservationStatus(row["status"]) == ReservationStatus.COMMITTED
     assert await held(budget_pool, budget_id) == (2_500, 0)
@@ -278,7 +283,7 @@ async def test_release_frees_the_hold(budget_pool: asyncpg.Pool, user_id: str) -
     budget_id = await create_budget(budget_pool, user_id)
     reservation_id = await reserve(budget_pool, user_id, 2_500)
 
-    row = await handlers.release(budget_pool, reservation_id)
+    row = await handlers.release(ReservationWriter(budget_pool), reservation_id)
 
     assert ReservationStatus(row["status"]) == ReservationStatus.RELEASED
     assert await held(budget_pool, budget_id) == (0, 0)
@@ -288,7 +293,9 @@ async def test_released_amount_can_be_reserved_again(
     budget_pool: asyncpg.Pool, user_id: str
 ) -> None:
     budget_id = await create_budget(budget_pool, user_id, total_amount=5_000)
-    await handlers.release(budget_pool, await reserve(budget_pool, user_id, 5_000))
+    await handlers.release(
+        ReservationWriter(budget_pool), await reserve(budget_pool, user_id, 5_000)
+    )
 
     await reserve(budget_pool, user_id, 5_000)
 
@@ -347,10 +354,10 @@ async def test_same_reference_replayed_after_commit_returns_the_committed_reserv
 ) -> None:
     budget_id = await create_budget(budget_pool, user_id)
     reservation_id = await reserve(budget_pool, user_id, 2_500, reference=f"trip-{user_id}")
-    await handlers.commit(budget_pool, reservation_id)
+    await handlers.commit(ReservationWriter(budget_pool), reservation_id)
 
     replay = await handlers.reserve(
-        budget_pool,
+        ReservationWriter(budget_pool),
         reserve_command(user_id, 2_500, reference=f"trip-{user_id}"),
         DEFAULT_TTL,
         RATES,
@@ -365,10 +372,10 @@ async def test_commit_after_release_is_reservation_released(
 ) -> None:
     await create_budget(budget_pool, user_id)
     reservation_id = await reserve(budget_pool, user_id, 2_500)
-    await handlers.release(budget_pool, reservation_id)
+    await handlers.release(ReservationWriter(budget_pool), reservation_id)
 
     with pytest.raises(FailedPrecondition) as caught:
-        await handlers.commit(budget_pool, reservation_id)
+        await handlers.commit(ReservationWriter(budget_pool), reservation_id)
 
     assert caught.value.reason == "RESERVATION_RELEASED"
 
@@ -378,10 +385,10 @@ async def test_commit_after_release_leaves_the_budget_untouched(
 ) -> None:
     budget_id = await create_budget(budget_pool, user_id)
     reservation_id = await reserve(budget_pool, user_id, 2_500)
-    await handlers.release(budget_pool, reservation_id)
+    await handlers.release(ReservationWriter(budget_pool), reservation_id)
 
     with pytest.raises(FailedPrecondition):
-        await handlers.commit(budget_pool, reservation_id)
+        await handlers.commit(ReservationWriter(budget_pool), reservation_id)
 
     assert await held(budget_pool, budget_id) == (0, 0)
 
@@ -391,10 +398,10 @@ async def test_release_after_commit_is_reservation_committed(
 ) -> None:
     budget_id = await create_budget(budget_pool, user_id)
     reservation_id = await reserve(budget_pool, user_id, 2_500)
-    await handlers.commit(budget_pool, reservation_id)
+    await handlers.commit(ReservationWriter(budget_pool), reservation_id)
 
     with pytest.raises(FailedPrecondition) as caught:
-        await handlers.release(budget_pool, reservation_id)
+        await handlers.release(ReservationWriter(budget_pool), reservation_id)
 
     assert caught.value.reason == "RESERVATION_COMMITTED"
     assert await held(budget_pool, budget_id) == (2_500, 0)
@@ -406,8 +413,8 @@ async def test_committing_twice_returns_the_same_reservation(
     await create_budget(budget_pool, user_id)
     reservation_id = await reserve(budget_pool, user_id, 2_500)
 
-    first = await handlers.commit(budget_pool, reservation_id)
-    second = await handlers.commit(budget_pool, reservation_id)
+    first = await handlers.commit(ReservationWriter(budget_pool), reservation_id)
+    second = await handlers.commit(ReservationWriter(budget_pool), reservation_id)
 
     assert dict(second) == dict(first)
 
@@ -419,7 +426,7 @@ async def test_committing_twice_counts_the_spend_once(
     reservation_id = await reserve(budget_pool, user_id, 2_500)
 
     for _ in range(2):
-        await handlers.commit(budget_pool, reservation_id)
+        await handlers.commit(ReservationWriter(budget_pool), reservation_id)
 
     assert await held(budget_pool, budget_id) == (2_500, 0)
 
@@ -430,7 +437,7 @@ async def test_releasing_twice_frees_the_hold_once(budget_pool: asyncpg.Pool, us
     reservation_id = await reserve(budget_pool, user_id, 2_500)
 
     for _ in range(2):
-        await handlers.release(budget_pool, reservation_id)
+        await handlers.release(ReservationWriter(budget_pool), reservation_id)
 
     assert await held(budget_pool, budget_id) == (0, 1_000)
 
@@ -441,7 +448,9 @@ async def test_concurrent_commits_of_one_reservation_count_the_spend_once(
     budget_id = await create_budget(budget_pool, user_id)
     reservation_id = await reserve(budget_pool, user_id, 2_500)
 
-    await asyncio.gather(*(handlers.commit(budget_pool, reservation_id) for _ in range(10)))
+    await asyncio.gather(
+        *(handlers.commit(ReservationWriter(budget_pool), reservation_id) for _ in range(10))
+    )
 
     assert await held(budget_pool, budget_id) == (2_500, 0)
 
@@ -450,7 +459,7 @@ async def test_commit_of_an_unknown_reservation_is_reservation_not_found(
     budget_pool: asyncpg.Pool,
 ) -> None:
     with pytest.raises(NotFound) as caught:
-        await handlers.commit(budget_pool, str(uuid.uuid4()))
+        await handlers.commit(ReservationWriter(budget_pool), str(uuid.uuid4()))
 
     assert caught.value.reason == "RESERVATION_NOT_FOUND"
 
@@ -503,7 +512,7 @@ async def test_commit_after_expiry_is_reservation_expired(
     await handlers.expire_reservations(budget_pool)
 
     with pytest.raises(FailedPrecondition) as caught:
-        await handlers.commit(budget_pool, reservation_id)
+        await handlers.commit(ReservationWriter(budget_pool), reservation_id)
 
     assert caught.value.reason == "RESERVATION_EXPIRED"
 
@@ -516,7 +525,7 @@ async def test_commit_past_ttl_before_the_sweep_is_reservation_expired_and_frees
     await backdate_expiry(budget_pool, reservation_id)
 
     with pytest.raises(FailedPrecondition) as caught:
-        await handlers.commit(budget_pool, reservation_id)
+        await handlers.commit(ReservationWriter(budget_pool), reservation_id)
 
     assert caught.value.reason == "RESERVATION_EXPIRED"
     assert await held(budget_pool, budget_id) == (0, 0)
@@ -536,7 +545,9 @@ async def test_ttl_over_a_day_is_invalid_ttl(budget_pool: asyncpg.Pool, user_id:
 async def test_spend_with_no_applicable_budget_is_reserved_with_no_budget_lines(
     budget_pool: asyncpg.Pool, user_id: str
 ) -> None:
-    row = await handlers.reserve(budget_pool, reserve_command(user_id, 2_500), DEFAULT_TTL, RATES)
+    row = await handlers.reserve(
+        ReservationWriter(budget_pool), reserve_command(user_id, 2_500), DEFAULT_TTL, RATES
+    )
 
     lines = await budget_pool.fetchval(
         "SELECT count(*) FROM reservation_lines WHERE reservation_id = $1", row["reservation_id"]
@@ -563,7 +574,10 @@ async def test_flight_budget_does_not_apply_to_hotel_spend(
     budget_id = await create_budget(budget_pool, user_id, category="FLIGHT")
 
     row = await handlers.reserve(
-        budget_pool, reserve_command(user_id, 2_500, category="HOTEL"), DEFAULT_TTL, RATES
+        ReservationWriter(budget_pool),
+        reserve_command(user_id, 2_500, category="HOTEL"),
+        DEFAULT_TTL,
+        RATES,
     )
 
     assert list(row["budget_ids"]) == []
@@ -577,7 +591,10 @@ async def test_spend_is_held_on_both_its_category_budget_and_the_all_budget(
     flights = await create_budget(budget_pool, user_id, category="FLIGHT")
 
     row = await handlers.reserve(
-        budget_pool, reserve_command(user_id, 2_500, category="FLIGHT"), DEFAULT_TTL, RATES
+        ReservationWriter(budget_pool),
+        reserve_command(user_id, 2_500, category="FLIGHT"),
+        DEFAULT_TTL,
+        RATES,
     )
 
     assert sorted(row["budget_ids"]) == sorted([overall, flights])
@@ -663,7 +680,10 @@ async def test_spend_in_another_currency_is_held_converted_with_the_rate_recorde
     budget_id = await create_budget(budget_pool, user_id, currency="EUR")
 
     row = await handlers.reserve(
-        budget_pool, reserve_command(user_id, 2_500, currency="USD"), DEFAULT_TTL, RATES
+        ReservationWriter(budget_pool),
+        reserve_command(user_id, 2_500, currency="USD"),
+        DEFAULT_TTL,
+        RATES,
     )
 
     assert (row["amount"], row["currency"]) == (2_500, "USD")  # the spend, as made
@@ -681,10 +701,13 @@ async def test_refunds_of_a_converted_spend_give_back_exactly_what_it_counted(
 ) -> None:
     budget_id = await create_budget(budget_pool, user_id, currency="USD")
     row = await handlers.reserve(
-        budget_pool, reserve_command(user_id, 1_000, currency="JPY"), DEFAULT_TTL, RATES
+        ReservationWriter(budget_pool),
+        reserve_command(user_id, 1_000, currency="JPY"),
+        DEFAULT_TTL,
+        RATES,
     )
     rid = str(row["reservation_id"])
-    await handlers.commit(budget_pool, rid)
+    await handlers.commit(ReservationWriter(budget_pool), rid)
     assert await held(budget_pool, budget_id) == (662, 0)  # JPY 1000 counts USD 6.62
 
     await handlers.refund(budget_pool, rid, 333, "JPY", f"refund-1-{rid}")
@@ -714,7 +737,7 @@ async def test_a_currency_the_rate_source_lacks_is_refused_and_writes_nothing(
 
 async def _reserve_outcome(pool: asyncpg.Pool, cmd: handlers.ReserveCommand) -> str:
     try:
-        await handlers.reserve(pool, cmd, DEFAULT_TTL, RATES)
+        await handlers.reserve(ReservationWriter(pool), cmd, DEFAULT_TTL, RATES)
     except BudgetExceeded as exc:
         return exc.reason
     return "RESERVED"
@@ -767,7 +790,10 @@ async def test_concurrent_reserves_of_one_reference_make_one_reservation(
     cmd = reserve_command(user_id, 1_000, reference=f"trip-{user_id}")
 
     rows = await asyncio.gather(
-        *(handlers.reserve(budget_pool, cmd, DEFAULT_TTL, RATES) for _ in range(20))
+        *(
+            handlers.reserve(ReservationWriter(budget_pool), cmd, DEFAULT_TTL, RATES)
+            for _ in range(20)
+        )
     )
 
     assert len({r["reservation_id"] for r in rows}) == 1
@@ -799,7 +825,9 @@ async def test_retry_racing_its_original_returns_the_original_even_when_the_budg
         await tx.start()
         await blocker.execute("SELECT 1 FROM budgets WHERE budget_id = $1 FOR UPDATE", budget_id)
         calls = [
-            asyncio.create_task(handlers.reserve(budget_pool, cmd, DEFAULT_TTL, RATES))
+            asyncio.create_task(
+                handlers.reserve(ReservationWriter(budget_pool), cmd, DEFAULT_TTL, RATES)
+            )
             for _ in range(2)
         ]
         try:
@@ -846,7 +874,7 @@ async def test_a_negative_ttl_is_refused_and_nothing_is_reserved(
     cmd = reserve_command(user_id, ttl_seconds=-1)
 
     with pytest.raises(InvalidArgument) as raised:
-        await handlers.reserve(budget_pool, cmd, DEFAULT_TTL, RATES)
+        await handlers.reserve(ReservationWriter(budget_pool), cmd, DEFAULT_TTL, RATES)
 
     assert raised.value.reason == "INVALID_TTL"
     async with budget_pool.acquire() as conn:
