@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 import asyncpg
 import structlog
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from services.common.db import DbConn
 from services.common.errors import unavailable_from
@@ -38,6 +38,12 @@ BATCH_SIZE = Histogram(
     "Items applied by one statement and one commit, by writer.",
     ["writer"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+
+REFUSED = Counter(
+    "moneta_group_commit_refused_total",
+    "Batches the database refused as a whole, applied again item by item, by writer.",
+    ["writer"],
 )
 
 Item = TypeVar("Item")
@@ -65,6 +71,7 @@ class GroupCommit(Generic[Item, Result]):
         self._queue: list[_Waiting[Item, Result]] = []
         self._writer: asyncio.Task[None] | None = None
         self._sizes = BATCH_SIZE.labels(name)
+        self._refused = REFUSED.labels(name)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -108,6 +115,7 @@ class GroupCommit(Generic[Item, Result]):
             except asyncpg.PostgresError as exc:
                 if len(batch) == 1 or unavailable_from(exc) is not None:
                     raise
+                self._refused.inc()
                 log.warning("batch_refused", writer=self._name, size=len(batch),
                             error=str(exc)[:200])  # fmt: skip
                 for waiting in batch:

@@ -167,3 +167,41 @@ async def test_a_caller_that_gives_up_before_its_batch_starts_reserves_nothing(
     with pytest.raises(asyncio.CancelledError):
         await gave_up
     assert await held(budget_pool, budget_id) == (0, 1_000)
+
+
+async def test_two_writers_batching_over_the_same_budgets_never_deadlock(
+    budget_pool: asyncpg.Pool,
+) -> None:
+    # Two replicas' writers, each with batches that touch both users' budgets
+    # in opposite orders: the batches lock in id order first, so neither ever
+    # waits for the other while holding what the other needs.
+    users = [str(uuid.uuid4()), str(uuid.uuid4())]
+    budgets = [await create_budget(budget_pool, u, total_amount=10_000_000) for u in users]
+    writers = [ReservationWriter(budget_pool), ReservationWriter(budget_pool)]
+    refused = (
+        REGISTRY.get_sample_value(
+            "moneta_group_commit_refused_total", {"writer": "budget_reservations"}
+        )
+        or 0.0
+    )
+
+    async def spend(writer: ReservationWriter, user: str, amount: int) -> None:
+        row = await handlers.reserve(writer, reserve_command(user, amount), DEFAULT_TTL, RATES)
+        await handlers.commit(writer, str(row["reservation_id"]))
+
+    # Two connections open already, so that both writers' batches run at once.
+    opened = [await budget_pool.acquire(), await budget_pool.acquire()]
+    for conn in opened:
+        await budget_pool.release(conn)
+    for _ in range(12):
+        await asyncio.gather(
+            *(spend(writers[i % 2], users[(i // 2 + i) % 2], 100 + i) for i in range(200))
+        )
+
+    assert sum([(await held(budget_pool, b))[0] for b in budgets]) == 12 * sum(
+        100 + i for i in range(200)
+    )
+    assert (await held(budget_pool, budgets[0]))[1] == (await held(budget_pool, budgets[1]))[1] == 0
+    assert (REGISTRY.get_sample_value(
+        "moneta_group_commit_refused_total", {"writer": "budget_reservations"}
+    ) or 0.0) == refused  # fmt: skip
