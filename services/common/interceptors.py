@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import logging
+import operator
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -64,6 +68,37 @@ def _metadata_value(metadata: Any, key: str) -> str | None:
     return None
 
 
+# A call that brings no request id gets one made of a random per-process
+# prefix and a counter: 32 hex digits like a uuid4's, unique across
+# processes, without a getrandom(2) call on every call.
+_REQUEST_ID_PREFIX = secrets.token_hex(8)
+_request_ids = itertools.count()
+
+
+def _request_id(metadata: Any) -> str:
+    sent = _metadata_value(metadata, REQUEST_ID_HEADER)
+    if sent is not None:
+        return accept_request_id(sent)
+    return f"{_REQUEST_ID_PREFIX}{next(_request_ids):016x}"
+
+
+_stdlib_log = logging.getLogger("moneta.rpc")
+
+
+def _debug_dropped() -> bool:
+    """True when a DEBUG event would be dropped by the level filter anyway:
+    then the routine "rpc" line is not built at all (structlog's bound
+    logger copies its context and runs the filter only to drop it, about
+    5 us a call). Tests that capture logs replace the filter and still see
+    the line."""
+    processors = structlog.get_config()["processors"]
+    return (
+        bool(processors)
+        and processors[0] is structlog.stdlib.filter_by_level
+        and not _stdlib_log.isEnabledFor(logging.DEBUG)
+    )
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps every unary-unary method of the service.
 
@@ -102,9 +137,7 @@ def _observed_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMe
     handled: dict[grpc.StatusCode, Any] = {}
 
     async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        request_id = accept_request_id(
-            _metadata_value(context.invocation_metadata(), REQUEST_ID_HEADER)
-        )
+        request_id = _request_id(context.invocation_metadata())
         token = request_id_var.set(request_id)
         remaining = context.time_remaining()
         deadline_token = deadline_var.set(
@@ -150,14 +183,15 @@ def _observed_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMe
             # (a JSON render and a write(2) on every call in every service)
             # is kept for DEBUG. Refusals, failures and slow calls are logged.
             routine = code == grpc.StatusCode.OK and elapsed < SLOW_RPC_SECONDS
-            log_at = log.debug if quiet or routine else log.info
-            log_at(
-                "rpc",
-                method=method,
-                code=code.name,
-                reason=reason,
-                duration_ms=round(elapsed * 1000, 3),
-            )
+            if not ((quiet or routine) and _debug_dropped()):
+                log_at = log.debug if quiet or routine else log.info
+                log_at(
+                    "rpc",
+                    method=method,
+                    code=code.name,
+                    reason=reason,
+                    duration_ms=round(elapsed * 1000, 3),
+                )
             request_id_var.reset(token)
             deadline_var.reset(deadline_token)
 
@@ -179,11 +213,21 @@ class _StringPlan:
     repeated), its maps with string keys or values, and the message fields
     that may hold more of it. Worked out once per type."""
 
-    strings: tuple[str, ...]
+    # The single string fields' values, read at once as a tuple (one C call).
+    read_strings: Callable[[Message], tuple[str, ...]]
     repeated_strings: tuple[str, ...]
     maps: tuple[str, ...]
     messages: tuple[str, ...]
     repeated_messages: tuple[str, ...]
+
+
+def _tuple_getter(names: tuple[str, ...]) -> Callable[[Message], tuple[str, ...]]:
+    if len(names) == 1:
+        (name,) = names
+        return lambda message: (getattr(message, name),)
+    if not names:
+        return lambda message: ()
+    return operator.attrgetter(*names)
 
 
 @functools.cache
@@ -208,7 +252,7 @@ def _plan(descriptor: Descriptor) -> _StringPlan | None:
     if not (strings or repeated_strings or maps or messages or repeated_messages):
         return None
     return _StringPlan(
-        tuple(strings), tuple(repeated_strings), tuple(maps), tuple(messages),
+        _tuple_getter(tuple(strings)), tuple(repeated_strings), tuple(maps), tuple(messages),
         tuple(repeated_messages),
     )  # fmt: skip
 
@@ -226,24 +270,50 @@ def _holds_text(descriptor: Descriptor, seen: set[str]) -> bool:
 
 def reject_control_characters(message: Message, path: str = "") -> None:
     """INVALID_ARGUMENT naming the first string field that holds a control
-    character, anywhere in the message."""
+    character, anywhere in the message.
+
+    Every call's request goes through this, so the common case is one
+    regex search over all the message's text joined; only a hit walks the
+    message again, field by field, to name the culprit."""
+    texts: list[str] = []
+    _collect_text(message, texts)
+    if texts and _CONTROL_RE.search("".join(texts)):
+        _name_the_first_field(message, path)
+
+
+def _collect_text(message: Message, texts: list[str]) -> None:
     plan = _plan(message.DESCRIPTOR)
     if plan is None:
         return
-    texts: list[str] = [getattr(message, name) for name in plan.strings]
+    texts.extend(plan.read_strings(message))
     for name in plan.repeated_strings:
         texts.extend(getattr(message, name))
     for name in plan.maps:
-        for key, value in getattr(message, name).items():
-            texts.extend(t for t in (key, value) if isinstance(t, str))
-    if _CONTROL_RE.search("".join(texts)):
-        _name_the_field(message, path)
+        mapping = getattr(message, name)
+        if mapping:  # most are empty: iterating even those costs a microsecond
+            for key, value in mapping.items():
+                texts.extend(t for t in (key, value) if isinstance(t, str))
     for name in plan.messages:
         if message.HasField(name):
-            reject_control_characters(getattr(message, name), f"{path}{name}.")
+            _collect_text(getattr(message, name), texts)
     for name in plan.repeated_messages:
         for item in getattr(message, name):
-            reject_control_characters(item, f"{path}{name}.")
+            _collect_text(item, texts)
+
+
+def _name_the_first_field(message: Message, path: str) -> None:
+    """Raises for the first field holding a control character: the
+    message's own text fields first, then its messages, in field order."""
+    plan = _plan(message.DESCRIPTOR)
+    if plan is None:
+        return
+    _name_the_field(message, path)
+    for name in plan.messages:
+        if message.HasField(name):
+            _name_the_first_field(getattr(message, name), f"{path}{name}.")
+    for name in plan.repeated_messages:
+        for item in getattr(message, name):
+            _name_the_first_field(item, f"{path}{name}.")
 
 
 def _name_the_field(message: Message, path: str) -> None:
