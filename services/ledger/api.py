@@ -96,6 +96,7 @@ def _fill_transfer(message: pb.Transfer, t: Transfer, id_text: str) -> None:
 
 
 def transfer_from_pb(t: pb.Transfer) -> TransferSpec:
+    metadata = t.metadata
     return TransferSpec(
         id=t.id,
         debit_account_id=t.debit_account_id,
@@ -108,7 +109,8 @@ def transfer_from_pb(t: pb.Transfer) -> TransferSpec:
         linked=t.linked,
         timeout_seconds=t.timeout_seconds,
         code=t.code,
-        metadata=dict(t.metadata),
+        # Most transfers carry none; copying an empty map costs more than {}.
+        metadata=dict(metadata) if metadata else {},
         effective_at=optional_timestamp(t, "effective_at"),
     )
 

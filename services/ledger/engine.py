@@ -196,9 +196,11 @@ class TransferEngine:
         self._queue.append(_Queued(item, size, done, deadline))
         self._queued += size
         self._wake.set()
-        # A caller that gives up (deadline, cancellation) does not cancel the
-        # batch: its transfers may still commit, and its retry sees EXISTS.
-        return await asyncio.shield(done)
+        # A caller that gives up (deadline, cancellation) cancels only its
+        # wait: its request stays queued (the batch skips answering a
+        # cancelled future), its transfers may still commit, and its retry
+        # sees EXISTS. No shield: that is two more futures on every call.
+        return await done
 
     def _take_batch(self, limit: int) -> list[_Queued]:
         """What the next transaction applies: the queue's head, and whatever
