@@ -57,16 +57,27 @@ async def set_pin(pool: asyncpg.Pool, user_id: str, pin: str, current_pin: str) 
         await verify_pin(pool, user_id, current_pin)
     pin_hash = await _hash(pin)
     async with pool.acquire() as conn:
-        await conn.execute(
-            """
-            INSERT INTO wallet_pins (user_id, pin_hash) VALUES ($1, $2)
-            ON CONFLICT (user_id) DO UPDATE
-               SET pin_hash = EXCLUDED.pin_hash, failed_tries = 0, locked_until = NULL,
-                   updated_at = now()
-            """,
+        if has_pin:
+            await conn.execute(
+                """
+                UPDATE wallet_pins SET pin_hash = $2, failed_tries = 0, locked_until = NULL,
+                                       updated_at = now()
+                 WHERE user_id = $1
+                """,
+                uid,
+                pin_hash,
+            )
+            return
+        # A first PIN only where there is none yet: one set concurrently
+        # (between the look above and now) is not overwritten without it.
+        inserted = await conn.fetchval(
+            "INSERT INTO wallet_pins (user_id, pin_hash) VALUES ($1, $2)"
+            " ON CONFLICT (user_id) DO NOTHING RETURNING true",
             uid,
             pin_hash,
         )
+    if not inserted:
+        raise InvalidArgument("changing a PIN needs the current one", reason="CURRENT_PIN_REQUIRED")
 
 
 async def verify_pin(pool: asyncpg.Pool, user_id: str, pin: str) -> None:

@@ -332,7 +332,8 @@ async def test_concurrent_wrong_pins_cannot_outrun_the_lockout(
 
     alice = await create_person(wallet_stub, http, mesh, "0")
     auth = mesh.auth(alice.user_id)
-    await http.put("/api/v1/wallet/pin", json={"pin": "1234"}, headers=auth)
+    first = await http.put("/api/v1/wallet/pin", json={"pin": "1234"}, headers=auth)
+    assert first.status_code == 204, first.text
 
     answers = await asyncio.gather(
         *(
@@ -347,6 +348,33 @@ async def test_concurrent_wrong_pins_cannot_outrun_the_lockout(
     assert reasons.count("PIN_INCORRECT") <= 5
     assert set(reasons) <= {"PIN_INCORRECT", "PIN_LOCKED"}
     assert "PIN_LOCKED" in reasons
+
+
+async def test_concurrent_first_pins_set_one_and_never_overwrite_it(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    import asyncio
+
+    alice = await create_person(wallet_stub, http, mesh, "0")
+    auth = mesh.auth(alice.user_id)
+
+    answers = await asyncio.gather(
+        *(
+            http.put("/api/v1/wallet/pin", json={"pin": f"{i:04d}"}, headers=auth)
+            for i in range(3000, 3008)
+        )
+    )
+
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(204) == 1, [a.text for a in answers]
+    assert {a.json()["error"]["reason"] for a in answers if a.status_code != 204} == {
+        "CURRENT_PIN_REQUIRED"
+    }
+    winner = f"{3000 + statuses.index(204):04d}"
+    change = await http.put(
+        "/api/v1/wallet/pin", json={"pin": "4321", "current_pin": winner}, headers=auth
+    )
+    assert change.status_code == 204, change.text
 
 
 async def test_a_manager_cannot_fund_their_own_wallet_by_spelling_their_id_differently(
