@@ -496,14 +496,16 @@ async def _measure(
         },
         "headlines": [
             {
-                "metric": "soak error rate (non-4xx)",
+                # The offered rate in the name: a soak below the target rate
+                # must not read as the target met.
+                "metric": f"soak error rate (non-4xx) at {rate:g}/s for {minutes:g} min",
                 "value": errors / total if total else 0.0,
                 "unit": "",
                 "target": TARGET_ERROR_RATE,
                 "better": "lower",
             },
             {
-                "metric": "soak worst 30 s window p99",
+                "metric": f"soak worst 30 s window p99 at {rate:g}/s",
                 "unit": "ms",
                 "better": "lower",
                 "value": max((w["p99_ms"] for w in windows), default=0.0),
@@ -511,7 +513,7 @@ async def _measure(
             },
             *(
                 {
-                    "metric": f"soak RSS growth, {name}",
+                    "metric": f"soak RSS growth at {rate:g}/s, {name}",
                     "value": value,
                     "unit": "%",
                     "target": TARGET_RSS_GROWTH_PERCENT,
