@@ -13,14 +13,17 @@ whole (a constraint, a deadlock, bad data) is applied again one item at a
 time, so that one bad item fails its own caller only. A lost connection
 fails the batch's callers, whose retries (idempotent, as every money write
 here is) find what was committed. A caller that gives up before its batch
-starts is dropped unapplied; one that gives up later does not stop its item.
+starts is dropped unapplied (unless the writer keeps abandoned items: a
+record that must exist whoever waits for it); one that gives up later does
+not stop its item. With ``key``, a batch holds at most one item per key:
+a second waits for the next batch, where it finds what the first wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -63,11 +66,15 @@ class GroupCommit(Generic[Item, Result]):
         apply: Callable[[DbConn, Sequence[Item]], Awaitable[Sequence[Result]]],
         name: str,
         max_batch: int = 256,
+        key: Callable[[Item], Hashable] | None = None,
+        keep_abandoned: bool = False,
     ) -> None:
         self._pool = pool
         self._apply = apply
         self._name = name
         self._max_batch = max_batch
+        self._key = key
+        self._keep_abandoned = keep_abandoned
         self._queue: list[_Waiting[Item, Result]] = []
         self._writer: asyncio.Task[None] | None = None
         self._sizes = BATCH_SIZE.labels(name)
@@ -90,8 +97,7 @@ class GroupCommit(Generic[Item, Result]):
     async def _write_all(self) -> None:
         try:
             while self._queue:
-                batch = [w for w in self._queue[: self._max_batch] if not w.answer.done()]
-                del self._queue[: self._max_batch]
+                batch = self._next_batch()
                 if not batch:
                     continue
                 try:
@@ -106,6 +112,27 @@ class GroupCommit(Generic[Item, Result]):
             for waiting in self._queue:  # left only when the writer itself was cancelled
                 _answer(waiting, asyncio.CancelledError())
             self._queue.clear()
+
+    def _next_batch(self) -> list[_Waiting[Item, Result]]:
+        """The oldest waiting items, up to ``max_batch``, one per key."""
+        batch: list[_Waiting[Item, Result]] = []
+        rest: list[_Waiting[Item, Result]] = []
+        keys: set[Hashable] = set()
+        for waiting in self._queue:
+            if waiting.answer.done() and not self._keep_abandoned:
+                continue
+            if len(batch) >= self._max_batch:
+                rest.append(waiting)
+                continue
+            if self._key is not None:
+                key = self._key(waiting.item)
+                if key in keys:
+                    rest.append(waiting)
+                    continue
+                keys.add(key)
+            batch.append(waiting)
+        self._queue = rest
+        return batch
 
     async def _write(self, batch: list[_Waiting[Item, Result]]) -> None:
         self._sizes.observe(len(batch))

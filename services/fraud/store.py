@@ -4,8 +4,6 @@ models in PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -18,9 +16,9 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
-from prometheus_client import Histogram
 
 from services.common.db import DbConn
+from services.common.group_commit import GroupCommit
 from services.common.resp import RespConnection, Script
 from services.fraud.domain import (
     History,
@@ -37,12 +35,6 @@ from services.fraud.domain import (
 )
 
 log = structlog.get_logger("moneta.fraud")
-
-DECISION_BATCH = Histogram(
-    "moneta_fraud_decision_batch_size",
-    "Decisions recorded by one statement and one commit.",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-)
 
 
 class HistoryUnavailable(Exception):
@@ -446,123 +438,38 @@ class Recorded:
     prior: asyncpg.Record | None = None
 
 
-@dataclass
-class _Pending:
-    tx: Transaction
-    verdict: Verdict
-    answer: asyncio.Future[Recorded]
-
-
-class DecisionRecorder:
-    """Records decisions durably, many to a commit (group commit).
-
-    A decision waits while a batch is being written; when that batch has
-    committed, everything that waited meanwhile is written in one statement
-    and one commit. Every caller is answered only once its own decision is
-    committed, so the answer to a Score is never ahead of its record. Under
-    light load a batch is one decision and costs what writing it alone did;
-    under heavy load many Scores share one round trip and one WAL flush.
-
-    A batch the database refuses as a whole (a constraint, bad data) is
-    written again one decision at a time, so that one bad decision fails its
-    own caller only; a lost connection fails the batch's callers, whose
-    retries find what was committed. A caller that gives up does not stop
+class DecisionRecorder(GroupCommit[tuple[Transaction, Verdict], Recorded]):
+    """Records decisions durably, many to a commit (group commit,
+    services/common/group_commit.py): under heavy load many Scores share one
+    round trip and one WAL flush. Every caller is answered only once its own
+    decision is committed, so the answer to a Score is never ahead of its
+    record. A second scoring of one transaction waits for the next batch,
+    where it finds the first recorded. A caller that gives up does not stop
     its decision from being recorded: it is kept, as the velocity store kept
     the transaction, and a retry answers it."""
 
     def __init__(self, pool: asyncpg.Pool, max_batch: int = 500) -> None:
-        self._pool = pool
-        self._max_batch = max_batch
-        self._queue: list[_Pending] = []
-        self._writer: asyncio.Task[None] | None = None
+        super().__init__(pool, _record_batch, name="fraud_decisions", max_batch=max_batch,
+                         key=lambda decision: decision[0].transaction_id,
+                         keep_abandoned=True)  # fmt: skip
 
     async def record(self, tx: Transaction, verdict: Verdict) -> Recorded:
-        answer: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(tx, verdict, answer))
-        if self._writer is None:
-            # A context of its own: the writer serves many requests, not the first one's.
-            self._writer = asyncio.create_task(self._write_all(), context=contextvars.Context())
-        return await answer
-
-    async def _write_all(self) -> None:
-        try:
-            while self._queue:
-                batch = self._next_batch()
-                try:
-                    await self._write(batch)
-                except BaseException as exc:
-                    for item in batch:
-                        _answer(item, exc)
-                    if not isinstance(exc, Exception):
-                        raise
-        finally:
-            self._writer = None
-            for item in self._queue:  # left only when the writer itself was cancelled
-                _answer(item, asyncio.CancelledError())
-            self._queue.clear()
-
-    def _next_batch(self) -> list[_Pending]:
-        """The oldest waiting decisions, one per transaction id: a second
-        scoring of one transaction waits for the next batch, where it finds
-        the first recorded."""
-        batch: list[_Pending] = []
-        rest: list[_Pending] = []
-        ids: set[uuid.UUID] = set()
-        for item in self._queue:
-            if len(batch) < self._max_batch and item.tx.transaction_id not in ids:
-                ids.add(item.tx.transaction_id)
-                batch.append(item)
-            else:
-                rest.append(item)
-        self._queue = rest
-        return batch
-
-    async def _write(self, batch: list[_Pending]) -> None:
-        DECISION_BATCH.observe(len(batch))
-        async with self._pool.acquire() as conn:
-            try:
-                recorded = await record_decisions(conn, [(i.tx, i.verdict) for i in batch])
-            except asyncpg.PostgresError as exc:
-                if len(batch) == 1 or isinstance(exc, _CONNECTION_LOST):
-                    raise
-                log.warning("decision_batch_refused", size=len(batch), error=str(exc)[:200])
-                for item in batch:
-                    await self._write_alone(conn, item)
-                return
-            again = [i.tx.transaction_id for i in batch if i.tx.transaction_id not in recorded]
-            prior = await fetch_decisions(conn, again) if again else {}
-        for item in batch:
-            tid = item.tx.transaction_id
-            _answer(
-                item, Recorded(recorded[tid]) if tid in recorded else Recorded(prior=prior[tid])
-            )
-
-    async def _write_alone(self, conn: DbConn, item: _Pending) -> None:
-        tid = item.tx.transaction_id
-        try:
-            recorded = await record_decisions(conn, [(item.tx, item.verdict)])
-            if tid in recorded:
-                _answer(item, Recorded(recorded[tid]))
-            else:
-                _answer(item, Recorded(prior=(await fetch_decisions(conn, [tid]))[tid]))
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, _CONNECTION_LOST):
-                raise
-            _answer(item, exc)
+        return await self.submit((tx, verdict))
 
 
-_CONNECTION_LOST = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)
-
-
-def _answer(item: _Pending, outcome: Recorded | BaseException) -> None:
-    if item.answer.done():  # its caller gave up
-        return
-    if isinstance(outcome, asyncio.CancelledError):
-        item.answer.cancel()
-    elif isinstance(outcome, BaseException):
-        item.answer.set_exception(outcome)
-    else:
-        item.answer.set_result(outcome)
+async def _record_batch(
+    conn: DbConn, decisions: Sequence[tuple[Transaction, Verdict]]
+) -> list[Recorded]:
+    """Records the decisions; one scored before answers with what was stored then."""
+    recorded = await record_decisions(conn, decisions)
+    again = [tx.transaction_id for tx, _ in decisions if tx.transaction_id not in recorded]
+    prior = await fetch_decisions(conn, again) if again else {}
+    return [
+        Recorded(recorded[tx.transaction_id])
+        if tx.transaction_id in recorded
+        else Recorded(prior=prior[tx.transaction_id])
+        for tx, _ in decisions
+    ]
 
 
 async def report_fraud(conn: DbConn, transaction_id: uuid.UUID, reason: str, actor: str) -> bool:

@@ -58,8 +58,9 @@ async def stored(pool: asyncpg.Pool, *transaction_ids: uuid.UUID | str) -> int:
 
 def batches() -> tuple[float, float]:
     """Commits made by every recorder so far, and the decisions in them."""
-    count = REGISTRY.get_sample_value("moneta_fraud_decision_batch_size_count") or 0.0
-    total = REGISTRY.get_sample_value("moneta_fraud_decision_batch_size_sum") or 0.0
+    labels = {"writer": "fraud_decisions"}
+    count = REGISTRY.get_sample_value("moneta_group_commit_batch_size_count", labels) or 0.0
+    total = REGISTRY.get_sample_value("moneta_group_commit_batch_size_sum", labels) or 0.0
     return count, total
 
 
