@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
@@ -16,7 +15,6 @@ from prometheus_client import REGISTRY
 from services.budget import handlers, store
 from services.budget.domain import BudgetExceeded, ReservationStatus
 from services.budget.handlers import ReservationWriter
-from tests import conftest
 from tests.integration.test_budget_reservations import (
     DEFAULT_TTL,
     RATES,
@@ -24,18 +22,6 @@ from tests.integration.test_budget_reservations import (
     held,
     reserve_command,
 )
-
-
-@pytest.fixture
-async def budget_pool(test_run: conftest.TestRun) -> AsyncIterator[asyncpg.Pool]:
-    pool = await conftest.service_pool(test_run, "budget")
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-def user_id() -> str:
-    return str(uuid.uuid4())
 
 
 def batches_written() -> tuple[float, float]:

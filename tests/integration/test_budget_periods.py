@@ -44,11 +44,6 @@ async def budget_pool(test_run: conftest.TestRun) -> AsyncIterator[asyncpg.Pool]
     await pool.close()
 
 
-@pytest.fixture
-def user_id() -> str:
-    return str(uuid.uuid4())
-
-
 async def create(pool: asyncpg.Pool, user_id: str, **overrides: Any) -> asyncpg.Record:
     return await handlers.create_budget(pool, budget_values(user_id, **overrides), "creator")
 

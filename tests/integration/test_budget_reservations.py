@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,24 +23,11 @@ from services.common.errors import (
     NotFound,
 )
 from services.common.fx_rates import DEFAULT_FX_RATES, parse_rate_table
-from tests import conftest
 
 DEFAULT_TTL = 900
 RATES = parse_rate_table(DEFAULT_FX_RATES)
 MONTHLY = 2
 RESET = 1
-
-
-@pytest.fixture(scope="module")
-async def budget_pool(test_run: conftest.TestRun) -> AsyncIterator[asyncpg.Pool]:
-    pool = await conftest.service_pool(test_run, "budget")
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-def user_id() -> str:
-    return str(uuid.uuid4())
 
 
 def budget_values(user_id: str, **overrides: Any) -> dict[str, Any]:
