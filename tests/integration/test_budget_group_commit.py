@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.budget import handlers, store
-from services.budget.domain import BudgetExceeded, ReservationStatus
+from services.budget.domain import ReservationStatus
 from services.budget.handlers import ReservationWriter
 from tests.integration.test_budget_reservations import (
     DEFAULT_TTL,
@@ -21,6 +21,7 @@ from tests.integration.test_budget_reservations import (
     create_budget,
     held,
     reserve_command,
+    reserve_outcome,
 )
 
 
@@ -30,14 +31,6 @@ def batches_written() -> tuple[float, float]:
     count = REGISTRY.get_sample_value("moneta_group_commit_batch_size_count", labels) or 0.0
     total = REGISTRY.get_sample_value("moneta_group_commit_batch_size_sum", labels) or 0.0
     return count, total
-
-
-async def reserve_outcome(writer: ReservationWriter, cmd: handlers.ReserveCommand) -> str:
-    try:
-        await handlers.reserve(writer, cmd, DEFAULT_TTL, RATES)
-    except BudgetExceeded as exc:
-        return exc.reason
-    return "RESERVED"
 
 
 async def test_concurrent_reserves_through_one_writer_share_commits_and_never_overspend(

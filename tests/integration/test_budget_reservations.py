@@ -721,9 +721,11 @@ async def test_a_currency_the_rate_source_lacks_is_refused_and_writes_nothing(
 # ---------------------------------------------------------------- concurrency and the last line
 
 
-async def _reserve_outcome(pool: asyncpg.Pool, cmd: handlers.ReserveCommand) -> str:
+async def reserve_outcome(writer: ReservationWriter, cmd: handlers.ReserveCommand) -> str:
+    """RESERVED, or the refusal's reason. A writer per call applies each
+    reservation alone, as separate replicas would."""
     try:
-        await handlers.reserve(ReservationWriter(pool), cmd, DEFAULT_TTL, RATES)
+        await handlers.reserve(writer, cmd, DEFAULT_TTL, RATES)
     except BudgetExceeded as exc:
         return exc.reason
     return "RESERVED"
@@ -735,7 +737,10 @@ async def test_concurrent_reserves_against_a_hard_budget_succeed_exactly_up_to_i
     await create_budget(budget_pool, user_id, total_amount=5_000)
 
     outcomes = await asyncio.gather(
-        *(_reserve_outcome(budget_pool, reserve_command(user_id, 100)) for _ in range(100))
+        *(
+            reserve_outcome(ReservationWriter(budget_pool), reserve_command(user_id, 100))
+            for _ in range(100)
+        )
     )
 
     assert outcomes.count("RESERVED") == 50
@@ -758,7 +763,10 @@ async def test_concurrent_reserves_never_hold_more_than_a_hard_budgets_total(
     watcher = asyncio.create_task(watch())
     try:
         await asyncio.gather(
-            *(_reserve_outcome(budget_pool, reserve_command(user_id, 100)) for _ in range(100))
+            *(
+                reserve_outcome(ReservationWriter(budget_pool), reserve_command(user_id, 100))
+                for _ in range(100)
+            )
         )
     finally:
         done.set()
