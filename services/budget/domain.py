@@ -15,7 +15,7 @@ from services.common.fx_rates import converted_amount, quoted_rate
 from services.common.money import INT64_MAX, validate_currency
 
 CATEGORIES = frozenset(
-    {"ALL", "FLIGHT", "HOTEL", "CAR", "RAIL", "MEALS", "MERCHANT", "P2P", "OTHER"}
+    {"ALL", "FLIGHT", "HOTEL", "CAR", "RAIL", "MEALS", "MERCHANT", "P2P", "CASH_OUT", "OTHER"}
 )
 
 
