@@ -255,6 +255,17 @@ async def call(
 
 
 Amount = StrictStr | StrictInt | StrictFloat
+# The payer's PIN on a payment that cannot wait for a fraud review.
+StepUpPin = Annotated[
+    str | None,
+    Field(
+        min_length=4,
+        max_length=6,
+        description="The payer's PIN. Needed only when fraud sends the payment to review: "
+        "without it such a payment is refused (422, reason PIN_REQUIRED); send it again with a "
+        "new idempotency key and the PIN.",
+    ),
+]
 
 
 def parse_amount(value: Amount, currency: str, field: str = "amount") -> int:

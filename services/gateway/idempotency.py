@@ -64,7 +64,14 @@ class KeyInUse(Aborted):
 def fingerprint(request: Message) -> str:
     """What makes two requests the same: the upstream request, its type
     (which names the method) and its fields byte for byte, so that "10" and
-    "10.00" are the same amount, and AddFunds is not Withdraw."""
+    "10.00" are the same amount, and AddFunds is not Withdraw. A PIN is not
+    part of it: it would be kept, hashed, beside the answer, where a 4 to 6
+    digit secret is quickly guessed from its hash."""
+    if "pin" in request.DESCRIPTOR.fields_by_name:
+        without_pin = type(request)()
+        without_pin.CopyFrom(request)
+        without_pin.ClearField("pin")
+        request = without_pin
     digest = hashlib.sha256(request.DESCRIPTOR.full_name.encode())
     digest.update(b"\0")
     digest.update(request.SerializeToString(deterministic=True))

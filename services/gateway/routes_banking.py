@@ -22,6 +22,7 @@ from services.gateway.deps import (
     IdempotencyKeyHeader,
     Peers,
     Replays,
+    StepUpPin,
     Upstreams,
     call,
     limit_by_ip,
@@ -130,6 +131,11 @@ class BankTransferBody(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 
 
+class WithdrawBody(BankTransferBody):
+    device_id: str = Field(default="", max_length=200)
+    pin: StepUpPin = None
+
+
 class BankTransferAnswer(BaseModel):
     transfer_id: str
     status: str
@@ -234,7 +240,7 @@ async def add_funds(
     responses=ERROR_RESPONSES,
 )
 async def withdraw(
-    body: BankTransferBody,
+    body: WithdrawBody,
     who: Caller,
     ups: Peers,
     replays: Replays,
@@ -249,6 +255,8 @@ async def withdraw(
         amount=money,
         bank_account_id=body.bank_account_id,
         idempotency_key=key,
+        device_id=body.device_id,
+        pin=body.pin or "",
     )
 
     async def pay_out() -> BankTransferAnswer:

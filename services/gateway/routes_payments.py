@@ -15,6 +15,7 @@ from services.gateway.deps import (
     IdempotencyKeyHeader,
     Peers,
     Replays,
+    StepUpPin,
     balance_answers,
     call,
     iso,
@@ -76,6 +77,7 @@ class PaymentBody(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     category: str | None = Field(default=None, min_length=1, max_length=32)
     device_id: str = Field(default="", max_length=200)
+    pin: StepUpPin = None
 
 
 class PaymentAnswer(BaseModel):
@@ -192,6 +194,7 @@ async def pay_merchant(
         idempotency_key=key,
         category=body.category or "",
         device_id=body.device_id,
+        pin=body.pin or "",
     )
     if body.qr_payload is not None:
         if body.merchant_id is not None or body.amount is not None or body.currency is not None:

@@ -24,7 +24,7 @@ def _transaction_status(status: str) -> pb.TransactionStatus.ValueType:
 
 
 def _bank_transfer_command(
-    request: pb.AddFundsRequest | pb.WithdrawRequest,
+    request: pb.AddFundsRequest | pb.WithdrawRequest, device_id: str = "", pin: str = ""
 ) -> banking.BankTransferCommand:
     return banking.BankTransferCommand(
         user_id=request.user_id,
@@ -32,6 +32,8 @@ def _bank_transfer_command(
         currency=request.amount.currency,
         bank_account_id=request.bank_account_id,
         idempotency_key=request.idempotency_key,
+        device_id=device_id,
+        pin=pin,
     )
 
 
@@ -70,7 +72,11 @@ class BankingApi:
     async def Withdraw(
         self, request: pb.WithdrawRequest, context: grpc.aio.ServicerContext
     ) -> pb.WithdrawResponse:
-        outcome = await banking.withdraw(self._pool, self._peers, _bank_transfer_command(request))
+        outcome = await banking.withdraw(
+            self._pool,
+            self._peers,
+            _bank_transfer_command(request, device_id=request.device_id, pin=request.pin),
+        )
         return pb.WithdrawResponse(
             transfer_id=str(outcome.transfer_id),
             status=_transaction_status(outcome.status),

@@ -80,6 +80,7 @@ class PaymentsApi:
                 currency=request.amount.currency,
                 category=request.category or merchants.DEFAULT_CATEGORY,
                 device_id=request.device_id,
+                pin=request.pin,
             ),
         )
         return pb.PayMerchantResponse(

@@ -40,6 +40,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from moneta.budget.v1 import budget_pb2
+from moneta.common.v1.money_pb2 import Money
+from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2
 from services.common.db import DbConn
 from services.common.errors import (
@@ -66,10 +69,13 @@ from services.wallet.domain import (
     wallet_account_id,
 )
 from services.wallet.peers import Peers
+from services.wallet.pins import validate_pin
 
 log = structlog.get_logger("moneta.wallet.banking")
 
 _OK_CODES = (ledger_pb2.TransferResult.OK, ledger_pb2.TransferResult.EXISTS)
+# The budget category a withdrawal's spend counts under.
+CASH_OUT_CATEGORY = "CASH_OUT"
 # Who the wallet's own decisions are recorded as, in wallet_status_changes.
 SYSTEM_ACTOR = "system:banking"
 
@@ -299,7 +305,7 @@ _ACCOUNT_COLUMNS = """
 _TRANSFER_COLUMNS = """
     transfer_id, kind, user_id, wallet_id, bank_account_id, idempotency_key, request_hash, amount,
     currency, status, estimated_completion, failure_reason, failure_message, bank_reference,
-    bank_reason, created_at, updated_at
+    bank_reason, created_at, updated_at, reservation_id
 """
 
 
@@ -446,6 +452,10 @@ class BankTransferCommand:
     currency: str
     bank_account_id: str
     idempotency_key: str
+    # Withdrawals only: for fraud scoring, and the payer's PIN for a payout
+    # that fraud sends to review (step-up).
+    device_id: str = ""
+    pin: str = ""
 
 
 @dataclass(frozen=True)
@@ -467,7 +477,8 @@ async def withdraw(
     pool: asyncpg.Pool, peers: Peers, cmd: BankTransferCommand, now: datetime | None = None
 ) -> BankTransferOutcome:
     """Wallet → bank: a hold on the wallet, so the money cannot be spent
-    again while the bank pays it out."""
+    again while the bank pays it out. Like any payment it is scored by fraud
+    first and counted against the payer's budgets (category CASH_OUT)."""
     return await _request_bank_transfer(pool, peers, "WITHDRAWAL", cmd, now)
 
 
@@ -482,6 +493,10 @@ async def _request_bank_transfer(
     bank_account = parse_uuid(cmd.bank_account_id, "bank_account_id")
     key = validate_idempotency_key(cmd.idempotency_key)
     require_positive(cmd.amount)
+    if len(cmd.device_id) > 200:
+        raise InvalidArgument("device_id is at most 200 characters", reason="INVALID_DEVICE_ID")
+    if cmd.pin:
+        validate_pin(cmd.pin)
     async with pool.acquire() as conn:
         wallet = await store.fetch_wallet(conn, user_id=user_id)
         if wallet is None:
@@ -494,11 +509,11 @@ async def _request_bank_transfer(
         fingerprint = request_hash(
             kind=kind, amount=cmd.amount, currency=currency, bank_account_id=bank_account
         )
-        await conn.execute(
+        inserted = await conn.execute(
             f"""
             INSERT INTO bank_transfers ({_TRANSFER_COLUMNS})
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING', $10,
-                    NULL, NULL, NULL, NULL, now(), now())
+                    NULL, NULL, NULL, NULL, now(), now(), NULL)
             ON CONFLICT DO NOTHING
             """,
             transfer_id,
@@ -528,7 +543,11 @@ async def _request_bank_transfer(
         raise FailedPrecondition(record["failure_message"], reason=record["failure_reason"])
     if record["status"] == "PROCESSING":
         try:
-            await _place_hold(pool, peers, record, wallet, account["last4"])
+            if inserted == "INSERT 0 1" or await peers.lookup_transfer(transfer_id) is None:
+                await _place_hold(pool, peers, record, wallet, account["last4"], cmd)
+            else:
+                # An earlier attempt placed the hold and stopped: finish it.
+                await _finish_hold(pool, peers, record, account["last4"])
         except FailedPrecondition as refusal:
             # Refused before any money moved: final for this key.
             async with pool.acquire() as conn:
@@ -550,11 +569,15 @@ async def _place_hold(
     record: asyncpg.Record,
     wallet: asyncpg.Record,
     account_last4: str,
+    cmd: BankTransferCommand,
 ) -> None:
     """The ledger hold, then (in one transaction) the transfer PENDING, its
-    history row and the request to the bank. Every step may be repeated."""
+    history row and the request to the bank. A withdrawal is scored by fraud
+    and reserves the payer's budgets before its hold, and commits them after.
+    Every step may be repeated."""
     kind, currency, amount = record["kind"], record["currency"], record["amount"]
     status = WalletStatus(wallet["status"])
+    reservation_id: str | None = None
     if kind == "WITHDRAWAL":
         ensure_can_send(status)
         async with pool.acquire() as conn:
@@ -566,6 +589,21 @@ async def _place_hold(
                 details={"currency": currency, "available": 0},
             )
         debit, credit = accounts[currency], await _bank_clearing(peers, currency)
+        await handlers.screen(
+            pool,
+            peers,
+            fraud_pb2.ScoreRequest(
+                transaction_id=str(record["transfer_id"]),
+                user_id=str(record["user_id"]),
+                type="WITHDRAWAL",
+                amount=Money(amount=amount, currency=currency),
+                recipient_kind=fraud_pb2.RECIPIENT_KIND_BANK,
+                recipient_id=str(record["bank_account_id"]),
+                device_id=cmd.device_id,
+            ),
+            cmd.pin,
+        )
+        reservation_id = await _reserve_withdrawal(pool, peers, record)
     else:
         if status == WalletStatus.CLOSED:
             raise FailedPrecondition("the wallet is closed", reason="WALLET_CLOSED")
@@ -583,13 +621,81 @@ async def _place_hold(
             metadata={"kind": kind, "bank_account_id": str(record["bank_account_id"])},
         )
     )
+    if result.code not in _OK_CODES and reservation_id is not None:
+        await peers.release(reservation_id)
     if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
         raise FailedPrecondition(
             "insufficient funds", reason="INSUFFICIENT_FUNDS", details={"currency": currency}
         )
     if result.code not in _OK_CODES:
         raise _ledger_refused(result, "hold")
+    await _finish_hold(pool, peers, record, account_last4, reservation_id)
+
+
+async def _finish_hold(
+    pool: asyncpg.Pool,
+    peers: Peers,
+    record: asyncpg.Record,
+    account_last4: str,
+    reservation_id: str | None = None,
+) -> None:
+    """The hold is placed: a withdrawal's spend counts (it is given back if
+    the bank fails or returns the payout), then the transfer is PENDING. A
+    repeat changes nothing."""
+    if record["kind"] == "WITHDRAWAL":
+        if reservation_id is None and record["reservation_id"] is not None:
+            reservation_id = str(record["reservation_id"])
+        async with pool.acquire() as conn:
+            wallet = await store.fetch_wallet(conn, user_id=record["user_id"])
+        assert wallet is not None  # a withdrawal's wallet is never deleted
+        await handlers.commit_spend(
+            peers, record["transfer_id"], reservation_id, wallet, record["amount"],
+            record["currency"], CASH_OUT_CATEGORY,
+        )  # fmt: skip
     await _record_pending(pool, record, account_last4)
+
+
+async def _reserve_withdrawal(pool: asyncpg.Pool, peers: Peers, record: asyncpg.Record) -> str:
+    """Reserves a withdrawal's spend (once: its id is the reference) and
+    records the reservation on it. BUDGET_EXCEEDED refuses the payout. A
+    reservation an earlier attempt committed is its own: that attempt placed
+    the hold too."""
+    reservation = await peers.reserve(
+        record["user_id"], record["amount"], record["currency"], CASH_OUT_CATEGORY,
+        str(record["transfer_id"]),
+    )  # fmt: skip
+    if reservation.status not in (
+        budget_pb2.RESERVATION_STATUS_RESERVED,
+        budget_pb2.RESERVATION_STATUS_COMMITTED,
+    ):
+        # An earlier attempt's reservation lapsed before money moved.
+        raise FailedPrecondition(
+            "the withdrawal's budget reservation has lapsed; retry with a new key",
+            reason="RESERVATION_LAPSED",
+        )
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE bank_transfers SET reservation_id = $2 WHERE transfer_id = $1",
+            record["transfer_id"],
+            uuid.UUID(reservation.reservation_id),
+        )
+    return str(reservation.reservation_id)
+
+
+async def _refund_withdrawal(peers: Peers, record: asyncpg.Record) -> None:
+    """The payout failed or came back: its spend is given back to the
+    budgets (and the period) it was counted in. A budget that cannot take it
+    back is logged loudly, never holds the money up."""
+    if record["kind"] != "WITHDRAWAL" or record["reservation_id"] is None:
+        return
+    try:
+        await peers.refund_spend(
+            str(record["reservation_id"]), record["amount"], record["currency"],
+            f"withdrawal-back:{record['transfer_id']}",
+        )  # fmt: skip
+    except FailedPrecondition as exc:
+        log.error("withdrawal_budget_refund_failed", transfer_id=str(record["transfer_id"]),
+                  reason=exc.reason)  # fmt: skip
 
 
 async def _record_pending(pool: asyncpg.Pool, record: asyncpg.Record, account_last4: str) -> None:
@@ -656,13 +762,15 @@ async def reconcile_stale_bank_transfers(
             older_than_seconds,
         )
     for row in stale:
+        async with pool.acquire() as conn:
+            record = await _fetch_transfer(conn, row["transfer_id"])
+        assert record is not None
         if await peers.lookup_transfer(row["transfer_id"]) is not None:
-            async with pool.acquire() as conn:
-                record = await _fetch_transfer(conn, row["transfer_id"])
-            assert record is not None
-            await _record_pending(pool, record, row["last4"])
+            await _finish_hold(pool, peers, record, row["last4"])
             outcome = "PENDING"
         else:
+            if record["reservation_id"] is not None:
+                await peers.release(str(record["reservation_id"]))
             async with pool.acquire() as conn:
                 await _refuse(
                     conn, row["transfer_id"],
@@ -738,9 +846,11 @@ async def apply_bank_settlement(
         elif action == Action.VOID:
             new_status = await _void_hold(conn, peers, record)
             money_arrived = record["kind"] == "WITHDRAWAL"
+            await _refund_withdrawal(peers, record)
         elif record["kind"] == "WITHDRAWAL":
             new_status = await _reverse_withdrawal(conn, peers, record)
             money_arrived = True
+            await _refund_withdrawal(peers, record)
         else:
             new_status = await _reverse_deposit(pool, conn, peers, record)
         await conn.execute(

@@ -1075,6 +1075,31 @@ async def confirm_transfer(
     return TransferOutcome(pid, "COMPLETED", balance, payment["currency"])
 
 
+async def screen(
+    pool: asyncpg.Pool, peers: Peers, request: fraud_pb2.ScoreRequest, pin: str
+) -> None:
+    """Scores a payment that cannot be held for a review (a merchant at the
+    till, a payout to a bank). BLOCK declines it. REVIEW steps up: the
+    payer's PIN, sent with the request, approves the review case there and
+    then. Without a PIN the payment is refused, PIN_REQUIRED, before anything
+    is reserved or moved; the payer sends it again, with a new idempotency
+    key and the PIN."""
+    verdict = await peers.score(request)
+    if verdict.decision == fraud_pb2.DECISION_BLOCK:
+        # Which rule fired is never told to the payer.
+        raise TransactionDeclined("the transaction was declined")
+    if verdict.decision != fraud_pb2.DECISION_REVIEW:
+        return
+    if not pin:
+        raise FailedPrecondition(
+            "this payment needs the payer's PIN: send it again with a new idempotency key"
+            " and the PIN",
+            reason="PIN_REQUIRED",
+        )
+    await pins.verify_pin(pool, request.user_id, pin)
+    await _approve_review(peers, uuid.UUID(request.transaction_id), uuid.UUID(request.user_id))
+
+
 async def _approve_review(peers: Peers, pid: uuid.UUID, payer: uuid.UUID) -> None:
     """The payer's PIN approves the payment's fraud review case. An analyst's
     rejection stands: the payment is declined (its hold lapses). Fraud not

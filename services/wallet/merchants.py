@@ -11,7 +11,9 @@ A payment to a merchant is made as safe as a P2P transfer, by the same
 steps: idempotency (a ``payments`` row of kind MERCHANT, scoped to the
 payer) → fraud score → budget reservation → ledger transfer → budget commit
 → history. Its id is the ledger transfer's id, the fraud transaction id and
-the budget reference, so a retried or resumed payment repeats no effect.
+the budget reference, so a retried or resumed payment repeats no effect. The
+merchant cannot wait for a review: one that fraud sends to review goes ahead
+only with the payer's PIN in the request (``handlers.screen``).
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ from services.wallet.domain import (
     request_hash,
     validate_idempotency_key,
 )
-from services.wallet.handlers import LEASE_SECONDS, TransactionDeclined, commit_spend
+from services.wallet.handlers import LEASE_SECONDS, commit_spend
 from services.wallet.peers import Peers
+from services.wallet.pins import validate_pin
 
 log = structlog.get_logger("moneta.wallet.merchants")
 
@@ -432,6 +435,8 @@ class PayMerchantCommand:
     currency: str = ""
     category: str = DEFAULT_CATEGORY
     device_id: str = ""
+    # The payer's PIN, for a payment fraud sends to review (step-up).
+    pin: str = ""
 
 
 @dataclass(frozen=True)
@@ -483,6 +488,8 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
         raise InvalidArgument("category must be an UPPER_SNAKE name", reason="INVALID_CATEGORY")
     if len(cmd.device_id) > 200:
         raise InvalidArgument("device_id is at most 200 characters", reason="INVALID_DEVICE_ID")
+    if cmd.pin:
+        validate_pin(cmd.pin)
 
     async with pool.acquire() as conn:
         wallet, payer_accounts = await store.fetch_wallet_and_accounts(conn, payer_id)
@@ -538,7 +545,7 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
         return replayed
     step = _MerchantPayment(
         pool, peers, pid, wallet, payer_accounts.get(what.currency), what, category,
-        cmd.device_id, payment["reservation_id"],
+        cmd.device_id, payment["reservation_id"], cmd.pin,
     )  # fmt: skip
     try:
         return await step.drive(resumed=not fresh)
@@ -581,12 +588,13 @@ class _MerchantPayment:
         category: str,
         device_id: str,
         reservation_id: uuid.UUID | None,
+        pin: str = "",
     ) -> None:
         self.pool, self.peers, self.pid = pool, peers, pid
         self.wallet, self.payer_account = wallet, payer_account
         self.merchant, self.amount, self.currency = what.merchant, what.amount, what.currency
         self.reference = what.qr.reference if what.qr else None
-        self.category, self.device_id = category, device_id
+        self.category, self.device_id, self.pin = category, device_id, pin
         self.reservation_id = str(reservation_id) if reservation_id else None
         self.moved = False
 
@@ -642,7 +650,9 @@ class _MerchantPayment:
         )
 
     async def _score(self) -> None:
-        verdict = await self.peers.score(
+        await handlers.screen(
+            self.pool,
+            self.peers,
             fraud_pb2.ScoreRequest(
                 transaction_id=str(self.pid),
                 user_id=str(self.wallet["user_id"]),
@@ -651,18 +661,9 @@ class _MerchantPayment:
                 recipient_kind=fraud_pb2.RECIPIENT_KIND_MERCHANT,
                 recipient_id=str(self.merchant["merchant_id"]),
                 device_id=self.device_id,
-            )
+            ),
+            self.pin,
         )
-        if verdict.decision == fraud_pb2.DECISION_BLOCK:
-            # Which rule fired is never told to the payer.
-            raise TransactionDeclined("the transaction was declined")
-        if verdict.decision == fraud_pb2.DECISION_REVIEW:
-            # Merchant payments have no step-up yet: held for review, the
-            # merchant would wait on it; refused cleanly instead.
-            raise FailedPrecondition(
-                "this payment needs a review that merchant payments do not support yet",
-                reason="REVIEW_NOT_SUPPORTED",
-            )
 
     async def _complete(self) -> PaymentOutcome:
         """The money has moved: count the spend and record the outcome."""

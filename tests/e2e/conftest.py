@@ -18,6 +18,7 @@ import grpc
 import httpx
 import pytest
 
+from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.gateway.auth import TokenVerifier
 from tests.conftest import ROOT, TestRun
@@ -189,3 +190,43 @@ async def create_person(
     )
     assert response.status_code == 201, response.text
     return Person(user_id, f"{handle}@example.com", handle)
+
+
+async def set_pin(http: httpx.AsyncClient, mesh: Mesh, person: Person, pin: str) -> None:
+    response = await http.put(
+        "/api/v1/wallet/pin", json={"pin": pin}, headers=mesh.auth(person.user_id)
+    )
+    assert response.status_code == 204
+
+
+async def fraud_case(mesh: Mesh, transfer_id: str) -> fraud_pb2.Review:
+    """The fraud review case of a payment (its transfer id is the fraud
+    transaction id)."""
+    async with grpc.aio.insecure_channel(mesh.grpc_addrs["fraud"]) as channel:
+        fraud = fraud_pb2_grpc.FraudServiceStub(channel)
+        token = ""
+        while True:
+            page: fraud_pb2.ListReviewsResponse = await fraud.ListReviews(
+                fraud_pb2.ListReviewsRequest(page_size=1000, page_token=token)
+            )
+            for case in page.reviews:
+                if case.transaction_id == transfer_id:
+                    return case
+            token = page.next_page_token
+            if not token:
+                raise AssertionError(f"no review case for {transfer_id}")
+
+
+async def block_user(mesh: Mesh, person: Person) -> None:
+    """Puts the person on fraud's user blocklist."""
+    async with grpc.aio.insecure_channel(mesh.grpc_addrs["fraud"]) as channel:
+        await fraud_pb2_grpc.FraudServiceStub(channel).AddListEntry(
+            fraud_pb2.AddListEntryRequest(
+                entry=fraud_pb2.ListEntry(
+                    list=fraud_pb2.LIST_KIND_BLOCK,
+                    subject_type=fraud_pb2.SUBJECT_TYPE_USER,
+                    value=person.user_id,
+                    reason="e2e",
+                )
+            )
+        )

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -29,15 +29,27 @@ import asyncpg
 import httpx
 import pytest
 
+from moneta.fraud.v1 import fraud_pb2
+from moneta.ledger.v1 import ledger_pb2
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.db import create_pool
+from services.common.errors import FailedPrecondition, Unavailable
 from services.common.infra import redis_client
 from services.wallet import banking, handlers
 from services.wallet.balance_cache import BalanceCache
 from services.wallet.domain import wallet_id_for
 from services.wallet.peers import Peers
 from tests.conftest import ROOT, TestRun, service_pool
-from tests.e2e.conftest import BANK_WEBHOOK_SECRET, Mesh, Person, create_person, free_port
+from tests.e2e.conftest import (
+    BANK_WEBHOOK_SECRET,
+    Mesh,
+    Person,
+    block_user,
+    create_person,
+    fraud_case,
+    free_port,
+    set_pin,
+)
 from tests.processes import die_with_parent
 
 # The secret the mesh's gateway checks webhooks with.
@@ -708,6 +720,218 @@ async def test_a_returned_payout_gives_the_money_back(
         "pending": "0.00",
         "posted": "30.00",
     }
+    await verified(http, mesh)
+
+
+# -- screening and budgets
+
+
+async def budget_left(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> str:
+    response = await http.get(
+        f"/api/v1/budgets/{person.user_id}", headers=mesh.auth(person.user_id)
+    )
+    assert response.status_code == 200, response.text
+    [budget] = response.json()["budgets"]
+    return str(budget["remaining_amount"])
+
+
+async def test_a_withdrawal_is_budgeted_and_a_failed_or_returned_one_gives_the_budget_back(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    company = str(uuid.uuid4())
+    manager = mesh.auth(str(uuid.uuid4()), "manager", company)
+    alice = await create_person(wallet_stub, http, mesh, "100.00", company_id=company)
+    created = await http.post(
+        "/api/v1/budgets",
+        json={"user_id": alice.user_id, "total_amount": "50", "currency": "USD",
+              "period_type": "MONTHLY", "category": "CASH_OUT"},
+        headers=manager,
+    )  # fmt: skip
+    assert created.status_code == 201, created.text
+    account = await link_account(http, mesh, alice)
+
+    first = await bank_transfer(http, mesh, alice, "withdraw", account, "40.00", "cash-1")
+    beyond = await bank_transfer(http, mesh, alice, "withdraw", account, "20.00", "cash-2")
+    left_after_first = await budget_left(http, mesh, alice)
+    await webhook(http, first.json()["transfer_id"], "FAILED", reason="R02")
+    left_after_failure = await budget_left(http, mesh, alice)
+    second = await bank_transfer(http, mesh, alice, "withdraw", account, "50.00", "cash-3")
+    await webhook(http, second.json()["transfer_id"], "SETTLED")
+    left_after_payout = await budget_left(http, mesh, alice)
+    await webhook(http, second.json()["transfer_id"], "RETURNED", reason="R03")
+
+    assert first.status_code == 202, first.text
+    assert (beyond.status_code, reason_of(beyond)) == (422, "BUDGET_EXCEEDED")
+    assert left_after_first == "10.00"
+    assert left_after_failure == "50.00"
+    assert second.status_code == 202, second.text
+    assert left_after_payout == "0.00"
+    assert await budget_left(http, mesh, alice) == "50.00"
+    assert await usd(http, mesh, alice) == {
+        "available": "100.00",
+        "pending": "0.00",
+        "posted": "100.00",
+    }
+    await verified(http, mesh)
+
+
+class AnswerLost(Peers):
+    """The ledger applies the transfer, but its answer is lost."""
+
+    async def create_transfers(
+        self, transfers: Sequence[ledger_pb2.Transfer]
+    ) -> list[ledger_pb2.TransferResult]:
+        await super().create_transfers(transfers)
+        raise Unavailable("the ledger's answer was lost", reason="DEPENDENCY_UNAVAILABLE")
+
+
+class LedgerDown(Peers):
+    """The request never reaches the ledger."""
+
+    async def create_transfers(
+        self, transfers: Sequence[ledger_pb2.Transfer]
+    ) -> list[ledger_pb2.TransferResult]:
+        raise Unavailable("the ledger is down", reason="DEPENDENCY_UNAVAILABLE")
+
+
+async def budgeted_person(
+    http: httpx.AsyncClient, mesh: Mesh, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> Person:
+    """A company's user with 100 USD and a hard CASH_OUT budget of 50."""
+    company = str(uuid.uuid4())
+    person = await create_person(wallet_stub, http, mesh, "100.00", company_id=company)
+    created = await http.post(
+        "/api/v1/budgets",
+        json={"user_id": person.user_id, "total_amount": "50", "currency": "USD",
+              "period_type": "MONTHLY", "category": "CASH_OUT"},
+        headers=mesh.auth(str(uuid.uuid4()), "manager", company),
+    )  # fmt: skip
+    assert created.status_code == 201, created.text
+    return person
+
+
+async def budget_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> tuple[str, str]:
+    """(used, reserved) of the person's one budget."""
+    response = await http.get(
+        f"/api/v1/budgets/{person.user_id}", headers=mesh.auth(person.user_id)
+    )
+    [budget] = response.json()["budgets"]
+    return budget["used_amount"], budget["reserved_amount"]
+
+
+async def interrupted_withdrawal(
+    http: httpx.AsyncClient,
+    mesh: Mesh,
+    wallet_stub: wallet_pb2_grpc.WalletServiceStub,
+    wallet_db: asyncpg.Pool,
+    broken: type[Peers],
+    peers: Peers,
+) -> tuple[Person, banking.BankTransferCommand]:
+    """A budgeted person's withdrawal of 40 USD made through ``broken`` peers
+    (it raises Unavailable): the person and the command, to retry."""
+    alice = await budgeted_person(http, mesh, wallet_stub)
+    account = await link_account(http, mesh, alice)
+    cmd = banking.BankTransferCommand(alice.user_id, 4000, "USD", account, "interrupted")
+    addrs = (mesh.grpc_addrs["ledger"], mesh.grpc_addrs["budget"], mesh.grpc_addrs["fraud"])
+    failing = broken(*addrs, 5.0, peers.cache)
+    try:
+        with pytest.raises(Unavailable):
+            await banking.withdraw(wallet_db, failing, cmd)
+    finally:
+        await failing.close()
+    return alice, cmd
+
+
+@pytest.mark.parametrize("retry", ["reconciler", "same key"])
+async def test_a_withdrawal_whose_hold_answer_was_lost_is_finished_and_its_spend_counted_once(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: wallet_pb2_grpc.WalletServiceStub,
+    wallet_db: asyncpg.Pool,
+    peers: Peers,
+    retry: str,
+) -> None:
+    alice, cmd = await interrupted_withdrawal(http, mesh, wallet_stub, wallet_db, AnswerLost, peers)
+    unfinished = await budget_of(http, mesh, alice)
+
+    if retry == "reconciler":
+        await banking.reconcile_stale_bank_transfers(wallet_db, peers, older_than_seconds=0)
+    outcome = (await banking.withdraw(wallet_db, peers, cmd)).status
+    again = (await banking.withdraw(wallet_db, peers, cmd)).status
+
+    assert unfinished == ("0.00", "40.00")
+    assert (outcome, again) == ("PENDING", "PENDING")
+    assert await budget_of(http, mesh, alice) == ("40.00", "0.00")
+    assert await usd(http, mesh, alice) == {
+        "available": "60.00",
+        "pending": "-40.00",
+        "posted": "100.00",
+    }
+    await verified(http, mesh)
+
+
+async def test_a_withdrawal_that_never_reached_the_ledger_frees_its_budget(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: wallet_pb2_grpc.WalletServiceStub,
+    wallet_db: asyncpg.Pool,
+    peers: Peers,
+) -> None:
+    alice, cmd = await interrupted_withdrawal(http, mesh, wallet_stub, wallet_db, LedgerDown, peers)
+    reserved = await budget_of(http, mesh, alice)
+
+    await banking.reconcile_stale_bank_transfers(wallet_db, peers, older_than_seconds=0)
+
+    assert reserved == ("0.00", "40.00")
+    assert await budget_of(http, mesh, alice) == ("0.00", "0.00")
+    with pytest.raises(FailedPrecondition) as replay:
+        await banking.withdraw(wallet_db, peers, cmd)
+    assert replay.value.reason == "REQUEST_ABANDONED"
+    assert (await usd(http, mesh, alice))["available"] == "100.00"
+
+
+async def test_a_blocked_user_cannot_withdraw_and_nothing_is_held(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    mallory = await create_person(wallet_stub, http, mesh, "30.00")
+    account = await link_account(http, mesh, mallory)
+    await block_user(mesh, mallory)
+
+    declined = await bank_transfer(http, mesh, mallory, "withdraw", account, "30.00", "out")
+    again = await bank_transfer(http, mesh, mallory, "withdraw", account, "30.00", "out")
+
+    assert (declined.status_code, reason_of(declined)) == (422, "TRANSACTION_DECLINED")
+    assert again.json() == declined.json()
+    assert await usd(http, mesh, mallory) == {
+        "available": "30.00",
+        "pending": "0.00",
+        "posted": "30.00",
+    }
+
+
+async def test_a_withdrawal_sent_to_review_goes_ahead_only_with_the_pin(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+) -> None:
+    alice = await create_person(wallet_stub, http, mesh, "15000.00")
+    await set_pin(http, mesh, alice, "2468")
+    account = await link_account(http, mesh, alice)
+    # The mesh sends payments of 10,000 or more to review.
+
+    no_pin = await bank_transfer(http, mesh, alice, "withdraw", account, "10000", "big")
+    untouched = await usd(http, mesh, alice)
+    with_pin = await bank_transfer(
+        http, mesh, alice, "withdraw", account, "10000", "big-2", pin="2468"
+    )
+
+    assert (no_pin.status_code, reason_of(no_pin)) == (422, "PIN_REQUIRED")
+    assert untouched["available"] == "15000.00"
+    assert with_pin.status_code == 202, with_pin.text
+    assert with_pin.json()["status"] == "PENDING"
+    assert (await usd(http, mesh, alice))["available"] == "5000.00"
+    case = await fraud_case(mesh, with_pin.json()["transfer_id"])
+    assert (case.status, case.resolved_by) == (
+        fraud_pb2.REVIEW_STATUS_APPROVED, f"payer-pin:{alice.user_id}",
+    )  # fmt: skip
     await verified(http, mesh)
 
 

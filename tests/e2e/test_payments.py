@@ -16,6 +16,7 @@ import grpc
 import httpx
 import pytest
 
+from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.db import create_pool
@@ -33,7 +34,7 @@ from services.wallet.merchants import (
 )
 from services.wallet.peers import Peers
 from tests.conftest import TestRun
-from tests.e2e.conftest import Mesh, Person, create_person
+from tests.e2e.conftest import Mesh, Person, create_person, fraud_case, set_pin
 
 Stub = wallet_pb2_grpc.WalletServiceStub
 
@@ -401,20 +402,37 @@ async def test_the_reconciler_completes_an_abandoned_payment_whose_money_moved(
     await assert_ledger_verifies(http, mesh)
 
 
-async def test_a_payment_flagged_for_review_is_refused_cleanly(
+async def test_a_payment_flagged_for_review_goes_ahead_only_with_the_payers_pin(
     mesh: Mesh, http: httpx.AsyncClient, wallet_stub: Stub
 ) -> None:
     payer = await create_person(wallet_stub, http, mesh, "20000.00")
+    await set_pin(http, mesh, payer, "2468")
     merchant = await create_merchant(http, mesh)
+    # The mesh sends payments of 10,000 or more to review; the merchant
+    # cannot wait for one, so the payer's PIN steps up there and then.
+    big = {"merchant_id": merchant, "amount": "10000.00", "currency": "USD"}
 
-    # The mesh sends payments of 10,000 or more to review; merchant payments
-    # have no step-up yet.
-    response = await pay(
-        http, mesh, payer, "big", merchant_id=merchant, amount="10000.00", currency="USD"
-    )
+    no_pin = await pay(http, mesh, payer, "big", **big)
+    same_key_with_pin = await pay(http, mesh, payer, "big", **big, pin="2468")
+    wrong_pin = await pay(http, mesh, payer, "big-2", **big, pin="1357")
+    untouched = await balances_of(http, mesh, payer)
+    right_pin = await pay(http, mesh, payer, "big-3", **big, pin="2468")
+    replayed = await pay(http, mesh, payer, "big-3", **big, pin="2468")
 
-    assert error_of(response) == (422, "REVIEW_NOT_SUPPORTED")
-    assert (await balances_of(http, mesh, payer))["USD"] == "20000.00"
+    assert error_of(no_pin) == (422, "PIN_REQUIRED")
+    assert error_of(same_key_with_pin) == (422, "PIN_REQUIRED")  # the key's first answer
+    assert error_of(wrong_pin) == (403, "PIN_INCORRECT")
+    assert untouched["USD"] == "20000.00"
+    assert right_pin.status_code == 200, right_pin.text
+    assert right_pin.json()["payer_balance"] == "10000.00"
+    assert replayed.json() == right_pin.json()
+    assert (await balances_of(http, mesh, payer))["USD"] == "10000.00"
+    assert await ledger_balance(mesh, merchant_account_id(uuid.UUID(merchant), "USD")) == 1_000_000
+    case = await fraud_case(mesh, right_pin.json()["payment_id"])
+    assert (case.status, case.resolved_by) == (
+        fraud_pb2.REVIEW_STATUS_APPROVED, f"payer-pin:{payer.user_id}",
+    )  # fmt: skip
+    await assert_ledger_verifies(http, mesh)
 
 
 async def test_an_unknown_merchant_is_not_found(

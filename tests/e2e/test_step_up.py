@@ -11,7 +11,7 @@ import httpx
 from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from moneta.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from moneta.wallet.v1 import wallet_pb2_grpc
-from tests.e2e.conftest import Mesh, Person, create_person
+from tests.e2e.conftest import Mesh, Person, create_person, fraud_case, set_pin
 
 LARGE = "10000.00"  # at the review threshold the mesh runs with
 
@@ -30,13 +30,6 @@ async def send_large(
               "currency": "USD", "idempotency_key": key},
         headers=mesh.auth(sender.user_id),
     )  # fmt: skip
-
-
-async def set_pin(http: httpx.AsyncClient, mesh: Mesh, person: Person, pin: str) -> None:
-    response = await http.put(
-        "/api/v1/wallet/pin", json={"pin": pin}, headers=mesh.auth(person.user_id)
-    )
-    assert response.status_code == 204
 
 
 async def confirm(
@@ -92,24 +85,6 @@ async def test_the_payer_confirms_with_their_pin_and_the_money_moves_once(
     assert (case.status, case.resolved_by) == (
         fraud_pb2.REVIEW_STATUS_APPROVED, f"payer-pin:{alice.user_id}",
     )  # fmt: skip
-
-
-async def fraud_case(mesh: Mesh, transfer_id: str) -> fraud_pb2.Review:
-    """The fraud review case of a payment (its transfer id is the fraud
-    transaction id)."""
-    async with grpc.aio.insecure_channel(mesh.grpc_addrs["fraud"]) as channel:
-        fraud = fraud_pb2_grpc.FraudServiceStub(channel)
-        token = ""
-        while True:
-            page: fraud_pb2.ListReviewsResponse = await fraud.ListReviews(
-                fraud_pb2.ListReviewsRequest(page_size=1000, page_token=token)
-            )
-            for case in page.reviews:
-                if case.transaction_id == transfer_id:
-                    return case
-            token = page.next_page_token
-            if not token:
-                raise AssertionError(f"no review case for {transfer_id}")
 
 
 async def test_a_payment_an_analyst_rejected_cannot_be_confirmed(

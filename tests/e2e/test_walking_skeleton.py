@@ -16,9 +16,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from moneta.budget.v1 import budget_pb2, budget_pb2_grpc
-from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from moneta.wallet.v1 import wallet_pb2_grpc
-from tests.e2e.conftest import GRPC_SERVICES, Mesh, Person, create_person
+from tests.e2e.conftest import GRPC_SERVICES, Mesh, Person, block_user, create_person
 
 SERVICE_NAMES = {
     "ledger": "moneta.ledger.v1.LedgerService",
@@ -158,17 +157,7 @@ async def test_blocked_sender_is_declined_without_naming_the_rule(
 ) -> None:
     mallory = await create_person(wallet_stub, http, mesh, "10.00")
     bob = await create_person(wallet_stub, http, mesh, "0")
-    async with grpc.aio.insecure_channel(mesh.grpc_addrs["fraud"]) as channel:
-        await fraud_pb2_grpc.FraudServiceStub(channel).AddListEntry(
-            fraud_pb2.AddListEntryRequest(
-                entry=fraud_pb2.ListEntry(
-                    list=fraud_pb2.LIST_KIND_BLOCK,
-                    subject_type=fraud_pb2.SUBJECT_TYPE_USER,
-                    value=mallory.user_id,
-                    reason="e2e",
-                )
-            )
-        )
+    await block_user(mesh, mallory)
 
     response = await http.post(
         "/api/v1/transfers",

@@ -301,3 +301,18 @@ def test_fingerprints_tell_methods_and_amounts_apart() -> None:
     assert fingerprint(transfer(1000)) == fingerprint(transfer(1000))
     assert fingerprint(transfer(1000)) != fingerprint(transfer(1001))
     assert fingerprint(add) != fingerprint(withdraw)
+
+
+def test_a_pin_is_no_part_of_a_fingerprint_and_is_left_in_the_request() -> None:
+    money = Money(amount=1000, currency="USD")
+    with_pin = wallet_pb2.WithdrawRequest(user_id="u", amount=money, pin="2468")
+    other_pin = wallet_pb2.WithdrawRequest(user_id="u", amount=money, pin="1357")
+    no_pin = wallet_pb2.WithdrawRequest(user_id="u", amount=money)
+
+    assert fingerprint(with_pin) == fingerprint(other_pin) == fingerprint(no_pin)
+    assert with_pin.pin == "2468"
+    assert fingerprint(with_pin) != fingerprint(
+        wallet_pb2.WithdrawRequest(
+            user_id="u", amount=Money(amount=1001, currency="USD"), pin="2468"
+        )
+    )

@@ -1,0 +1,7 @@
+-- A withdrawal is spend: it reserves the payer's budgets (category CASH_OUT)
+-- before its hold, commits them once the hold is placed, and gives the spend
+-- back if the bank fails or returns the payout. Deposits reserve nothing.
+ALTER TABLE bank_transfers ADD COLUMN reservation_id uuid;
+ALTER TABLE bank_transfers
+    ADD CONSTRAINT bank_transfers_reservation_withdrawal
+    CHECK (reservation_id IS NULL OR kind = 'WITHDRAWAL');
