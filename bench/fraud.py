@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +34,7 @@ from bench.common import (
     drop_databases,
     machine,
     open_loop,
+    percentile,
     running_service,
     timed_call,
     write_results,
@@ -49,6 +52,29 @@ from services.fraud.store import VelocityStore
 PREFIX = "moneta_bench_fraud_"
 TARGET_RATE = 500
 TARGET_P99_MS = 5.0
+
+# Every Score waits for the WAL flush (fdatasync) of its own decision, so a
+# disk whose flushes stall makes the tail whatever the service does. This
+# probe flushes a small file on the machine's temporary directory (the same
+# disk as PostgreSQL's on the development machine) every 20 ms during the
+# measured runs and prints (start, seconds) of each flush: every figure comes
+# with how the disk behaved meanwhile.
+_DISK_PROBE = """
+import json, os, sys, tempfile, time
+fd, path = tempfile.mkstemp(prefix="moneta-bench-fsync-")
+flushes, end = [], time.perf_counter() + float(sys.argv[1])
+try:
+    while time.perf_counter() < end:
+        os.pwrite(fd, b"x" * 8192, len(flushes) % 64 * 8192)
+        started = time.perf_counter()
+        os.fdatasync(fd)
+        flushes.append((started, time.perf_counter() - started))
+        time.sleep(0.02)
+finally:
+    os.close(fd)
+    os.unlink(path)
+print(json.dumps(flushes))
+"""
 
 
 def requests(rows: list[synthetic.Labelled]) -> Iterator[fraud_pb2.ScoreRequest]:
@@ -69,6 +95,20 @@ def requests(rows: list[synthetic.Labelled]) -> Iterator[fraud_pb2.ScoreRequest]
 def score(stub: fraud_pb2_grpc.FraudServiceStub, stream: Iterator[fraud_pb2.ScoreRequest]) -> Call:
     """One Score of the next request in the stream, timed."""
     return lambda: timed_call(stub.Score(next(stream), timeout=10))
+
+
+def disk_flushes(
+    flushes: list[tuple[float, float]], since: float, until: float
+) -> dict[str, float]:
+    """The probe's flushes between two moments: percentiles in ms, and how
+    long in all the disk took over 5 ms a flush."""
+    taken = [seconds * 1000 for started, seconds in flushes if since <= started < until]
+    return {
+        "p50_ms": round(percentile(taken, 50), 2),
+        "p99_ms": round(percentile(taken, 99), 2),
+        "max_ms": round(max(taken, default=0.0), 1),
+        "stalled_ms": round(sum(t for t in taken if t > 5), 1),
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -170,13 +210,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # as the service's latency.
             gc.collect()
             gc.freeze()
+            probe = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _DISK_PROBE, str(args.seconds * args.runs + 1),
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
             cpu_before, wall_before = cpu_seconds(fraud.process.pid), time.perf_counter()
-            runs = [
-                await open_loop(score(stub, stream), args.rate, args.seconds)
-                for _ in range(args.runs)
-            ]
+            runs, windows = [], []
+            for _ in range(args.runs):
+                since = time.perf_counter()
+                runs.append(await open_loop(score(stub, stream), args.rate, args.seconds))
+                windows.append((since, time.perf_counter()))
             cpu_used = cpu_seconds(fraud.process.pid) - cpu_before
             wall = time.perf_counter() - wall_before
+            flushes = json.loads((await probe.communicate())[0] or b"[]")
+            for run, (since, until) in zip(runs, windows, strict=True):
+                run["disk_flush"] = disk_flushes(flushes, since, until)
             mid = sorted(runs, key=lambda r: r["p99_ms"])[len(runs) // 2]
             served = sum(r["count"] - r["failed"] for r in runs)
             cpu_before = cpu_seconds(fraud.process.pid)
@@ -186,6 +234,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             **mid,
             "per_run_p99_ms": [r["p99_ms"] for r in runs],
             "per_run_p50_ms": [r["p50_ms"] for r in runs],
+            "per_run_disk_flush_p99_ms": [r["disk_flush"]["p99_ms"] for r in runs],
+            "per_run_disk_stalled_ms": [r["disk_flush"]["stalled_ms"] for r in runs],
             "service_cpu_cores_used": round(cpu_used / wall, 2),
             "service_cpu_ms_per_score": round(cpu_used * 1000 / max(1, served), 3),
             "meets_target": mid["p99_ms"] < TARGET_P99_MS
@@ -245,6 +295,8 @@ def print_summary(results: dict[str, Any]) -> None:
           f"(runs {at['per_run_p99_ms']}), {at['failed']} failed; service "
           f"{at['service_cpu_ms_per_score']} ms CPU per Score, {at['service_cpu_cores_used']} "
           f"cores; meets target: {at['meets_target']}")  # fmt: skip
+    print(f"  the disk meanwhile (fdatasync every 20 ms): p99 {at['per_run_disk_flush_p99_ms']} ms, "
+          f"over 5 ms for {at['per_run_disk_stalled_ms']} ms in all, run by run")  # fmt: skip
     print(f"flat out ({top['clients']} clients): {top['per_s']}/s, p50 {top['p50_ms']} ms, "
           f"p99 {top['p99_ms']} ms; service {top['service_cpu_ms_per_score']} ms CPU per Score")  # fmt: skip
     print(f"hot path in process (µs): {hot}")
