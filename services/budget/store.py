@@ -418,7 +418,7 @@ async def apply_reservation_ops(
     conn: DbConn, ops: Sequence[ReservationOp]
 ) -> list[Reserved | Settled]:
     """Applies the operations in order, in one statement (so one commit):
-    ``reservation_batch`` in SQL. One result per operation: ``Reserved`` for
+    ``reservation_batch_returning`` in SQL. One result per operation: ``Reserved`` for
     a PlainReserve, ``Settled`` for a Settle."""
     if len(ops) == 1:
         # Alone, the single-item function's own statement costs the
@@ -435,21 +435,12 @@ async def apply_reservation_ops(
             row = (2, op.reservation_id, None, None, None, None, None, None, int(op.to), op.now)
         for column, value in zip(columns, row, strict=True):
             column.append(value)
-    # The reservations are read with the statement's snapshot, taken before
-    # the batch ran: as they were before it settled them (only their status
-    # changes, and it is returned).
     rows = await conn.fetch(
-        f"""
-        SELECT o.*, q.* FROM reservation_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) o
-          LEFT JOIN LATERAL (
-              SELECT {_RESERVATION_COLUMNS} FROM {_RESERVATION_FROM}
-               WHERE r.reservation_id = ($2::uuid[])[o.o_index] AND o.o_prior IS NOT NULL
-               GROUP BY r.reservation_id) q ON true
-         ORDER BY o.o_index
-        """,
+        "SELECT * FROM reservation_batch_returning($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         *columns,
     )
-    return [_reserved(op, row) if isinstance(op, PlainReserve) else _settled(row)
+    return [_reserved(op, row) if isinstance(op, PlainReserve)
+            else _settled(op.reservation_id, row)
             for op, row in zip(ops, rows, strict=True)]  # fmt: skip
 
 
@@ -466,19 +457,13 @@ async def _reserve_alone(conn: DbConn, op: PlainReserve) -> Reserved:
 
 async def _settle_alone(conn: DbConn, op: Settle) -> Settled:
     row = await conn.fetchrow(
-        f"""
-        SELECT s.prior AS o_prior, s.settled AS o_settled, q.*
-          FROM settle_reservation($1, $2, $3) s
-          LEFT JOIN LATERAL (
-              SELECT {_RESERVATION_COLUMNS} FROM {_RESERVATION_FROM}
-               WHERE r.reservation_id = $1 GROUP BY r.reservation_id) q ON true
-        """,
+        f"SELECT {_SETTLED_COLUMNS} FROM settle_reservation_returning($1, $2, $3)",
         op.reservation_id,
         int(op.to),
         op.now,
     )
     assert row is not None
-    return _settled(row)
+    return _settled(op.reservation_id, row)
 
 
 def _reserved(op: PlainReserve, row: asyncpg.Record) -> Reserved:
@@ -496,14 +481,31 @@ def _reserved(op: PlainReserve, row: asyncpg.Record) -> Reserved:
     }
 
 
-_BATCH_COLUMNS = frozenset({"o_index", "o_outcome", "o_budget_ids", "o_prior", "o_settled"})
+# What settle_reservation_returning returns, named as reservation_batch_returning
+# names it (o_ and the column's name).
+_SETTLED_FIELDS = ("prior", "settled", "reference", "user_id", "amount", "currency", "category",
+                   "expires_at", "budget_ids", "line_amounts", "line_currencies", "line_rates")  # fmt: skip
+_SETTLED_COLUMNS = ", ".join(f"{name} AS o_{name}" for name in _SETTLED_FIELDS)
 
 
-def _settled(row: asyncpg.Record) -> Settled:
-    if row["o_prior"] is None:
+def _settled(reservation_id: uuid.UUID, row: asyncpg.Record) -> Settled:
+    prior = row["o_prior"]
+    if prior is None:
         return None, None
-    reservation = {k: v for k, v in row.items() if k not in _BATCH_COLUMNS}
-    return ReservationStatus(row["o_prior"]), {**reservation, "status": row["o_settled"]}
+    return ReservationStatus(prior), {
+        "reservation_id": reservation_id,
+        "reference": row["o_reference"],
+        "user_id": row["o_user_id"],
+        "amount": row["o_amount"],
+        "currency": row["o_currency"],
+        "category": row["o_category"],
+        "status": row["o_settled"],
+        "expires_at": row["o_expires_at"],
+        "budget_ids": row["o_budget_ids"],
+        "line_amounts": row["o_line_amounts"],
+        "line_currencies": row["o_line_currencies"],
+        "line_rates": row["o_line_rates"],
+    }
 
 
 async def expired_reservation_ids(conn: DbConn, limit: int = 500) -> list[uuid.UUID]:

@@ -184,3 +184,35 @@ async def test_two_writers_batching_over_the_same_budgets_never_deadlock(
     assert (REGISTRY.get_sample_value(
         "moneta_group_commit_refused_total", {"writer": "budget_reservations"}
     ) or 0.0) == refused  # fmt: skip
+
+
+async def test_a_settled_reservation_is_answered_as_it_is_stored_batched_or_alone(
+    budget_pool: asyncpg.Pool, user_id: str
+) -> None:
+    # Two budgets, one in another currency: two lines, one with a rate.
+    await create_budget(budget_pool, user_id, currency="EUR", total_amount=10**9)
+    await create_budget(budget_pool, user_id, currency="USD", total_amount=10**9)
+    writer = ReservationWriter(budget_pool)
+    rows = [
+        await handlers.reserve(writer, reserve_command(user_id, 100), DEFAULT_TTL, RATES)
+        for _ in range(4)
+    ]
+    ids = [str(r["reservation_id"]) for r in rows]
+
+    batched = await asyncio.gather(*(handlers.commit(writer, rid) for rid in ids[:3]))
+    alone = await handlers.release(writer, ids[3])
+    retried = await handlers.commit(writer, ids[0])
+
+    stored = []
+    async with budget_pool.acquire() as conn:
+        for rid in ids:
+            row = await store.fetch_reservation(conn, reservation_id=uuid.UUID(rid))
+            assert row is not None
+            stored.append(row)
+    for answer, row in zip([*batched, alone, retried], [*stored, stored[0]], strict=True):
+        assert dict(answer) == dict(row)
+        assert len(row["budget_ids"]) == 2
+    assert [str(r) for r in stored[0]["line_rates"] if r is not None] == ["0.92"]
+    assert [s["status"] for s in stored] == [ReservationStatus.COMMITTED] * 3 + [
+        ReservationStatus.RELEASED
+    ]
