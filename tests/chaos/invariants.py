@@ -13,7 +13,7 @@ ledger's own verifier, the gateway's answers and the load's journal:
   none lost, none applied twice (counted at both ends);
 - no budget overspent: each budget's spend = the ledger's, within its total;
 - no reservation held past its ttl, no hold pending past its expiry, no
-  deposit hold left open after its webhook was answered, no payment left
+  deposit or withdrawal hold left open after its webhook was answered, no payment left
   PROCESSING.
 
 ``check`` returns the problems found (empty when all hold) and the figures.
@@ -312,7 +312,9 @@ async def _deposits(db: Databases, journal: Journal, report: Report) -> None:
             "SELECT status FROM transfers WHERE id = $1", uuid.UUID(op.key)
         )
         if status == PENDING:
-            report.problem(f"deposit hold {op.key} still pending after its webhook was answered")
+            report.problem(
+                f"{op.detail['of']} hold {op.key} still pending after its webhook was answered"
+            )
 
 
 async def _bookings(
@@ -490,7 +492,7 @@ async def _balances(
             expected[op.detail["to"]] += op.amount
     for op in journal.of("settle"):
         if op.succeeded and op.detail["outcome"] == "SETTLED":
-            expected[op.user] += op.amount
+            expected[op.user] += op.amount if op.detail["of"] == "deposit" else -op.amount
     for row in await db.wallet.fetch(
         "SELECT user_id, sum(amount - refunded) AS net FROM bookings WHERE status = 'CHARGED'"
         " GROUP BY user_id"

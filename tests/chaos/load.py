@@ -5,8 +5,8 @@ against what the clients were told.
 The population is split so that each user's balance follows from the
 journal alone: senders only send (P2P, below the review amount), receivers
 only receive, a reviewer sends payments that wait for a PIN that never
-comes (their holds expire), depositors only add funds (and the test,
-playing the bank, settles or fails each with a signed webhook), bookers
+comes (their holds expire), depositors add funds and cash some out (and
+the test, playing the bank, settles or fails each with a signed webhook), bookers
 are charged and refunded by booking events. Admins change the senders'
 P2P budgets meanwhile, and new users arrive by UserCreated events.
 
@@ -405,27 +405,32 @@ class Client:
         op = Operation(kind, key, sender.user_id, amount, {"to": to.user_id})
         return await self.settle(op, lambda: self.request(**request))
 
-    def deposit_request(self, person: Person, amount: int, key: str) -> dict[str, Any]:
+    def bank_request(
+        self, person: Person, amount: int, key: str, kind: str = "deposit"
+    ) -> dict[str, Any]:
+        """A deposit (add funds) or a withdrawal (cash-out) request."""
         return {
             "method": "POST",
-            "url": "/api/v1/wallet/add-funds",
+            "url": "/api/v1/wallet/add-funds" if kind == "deposit" else "/api/v1/wallet/withdraw",
             "json": {"user_id": person.user_id, "amount": major(amount),
                      "bank_account_id": person.bank_account_id, "idempotency_key": key},
             "headers": self.mesh.auth(person.user_id),
         }  # fmt: skip
 
-    async def deposit(self, person: Person, amount: int) -> Operation:
-        key = f"deposit-{uuid.uuid4()}"
-        request = self.deposit_request(person, amount, key)
-        op = Operation("deposit", key, person.user_id, amount)
+    async def deposit(self, person: Person, amount: int, kind: str = "deposit") -> Operation:
+        """A deposit, or (``kind`` "withdrawal") a cash-out."""
+        key = f"{kind}-{uuid.uuid4()}"
+        request = self.bank_request(person, amount, key, kind)
+        op = Operation(kind, key, person.user_id, amount)
         return await self.settle(op, lambda: self.request(**request))
 
-    async def bank_settles(self, deposit: Operation, outcome: str) -> Operation:
-        """The bank's webhook for a deposit: SETTLED or FAILED."""
-        answer = deposit.answer
+    async def bank_settles(self, transfer: Operation, outcome: str) -> Operation:
+        """The bank's webhook for a deposit or a withdrawal: SETTLED or FAILED."""
+        answer = transfer.answer
         assert answer is not None and isinstance(answer.body, dict)
         transfer_id = answer.body["transfer_id"]
-        op = Operation("settle", transfer_id, deposit.user, deposit.amount, {"outcome": outcome})
+        op = Operation("settle", transfer_id, transfer.user, transfer.amount,
+                       {"outcome": outcome, "of": transfer.kind})  # fmt: skip
         return await self.settle(op, lambda: self.webhook(transfer_id, outcome))
 
     async def webhook(self, transfer_id: str, outcome: str) -> Attempt:
@@ -622,10 +627,13 @@ class MixedLoad:
             assert self.client is not None
             rng = random.Random(self.rng.random())
             while not self._stop.is_set():
-                deposit = await self.client.deposit(person, rng.randint(100, 2000))
-                if deposit.succeeded:
+                # One in four a cash-out (refused, INSUFFICIENT_FUNDS, when
+                # the settled deposits do not cover it).
+                kind = "withdrawal" if rng.random() < 0.25 else "deposit"
+                transfer = await self.client.deposit(person, rng.randint(100, 2000), kind)
+                if transfer.succeeded:
                     outcome = "FAILED" if rng.random() < 0.15 else "SETTLED"
-                    await self.client.bank_settles(deposit, outcome)
+                    await self.client.bank_settles(transfer, outcome)
                 await asyncio.sleep(pause)
 
         return run
@@ -717,7 +725,7 @@ async def settle_unsettled(
     client.give_up_at = None
     told = {op.key for op in client.journal.of("settle")}
     open_deposits = [
-        op for op in client.journal.of("deposit")
+        op for op in client.journal.of("deposit", "withdrawal")
         if op.succeeded and op.answer is not None and op.answer.body["transfer_id"] not in told
     ]  # fmt: skip
     await asyncio.gather(*(client.bank_settles(op, "SETTLED") for op in open_deposits))
@@ -731,8 +739,8 @@ async def _retry(client: Client, population: Population, op: Operation) -> None:
     if op.kind in ("p2p", "review"):
         request = client.p2p_request(people[op.user], people[op.detail["to"]], op.amount, op.key)
         send = lambda: client.request(**request)  # noqa: E731
-    elif op.kind == "deposit":
-        request = client.deposit_request(people[op.user], op.amount, op.key)
+    elif op.kind in ("deposit", "withdrawal"):
+        request = client.bank_request(people[op.user], op.amount, op.key, op.kind)
         send = lambda: client.request(**request)  # noqa: E731
     elif op.kind == "settle":
         send = lambda: client.webhook(op.key, op.detail["outcome"])  # noqa: E731
@@ -762,8 +770,8 @@ async def replay(load: MixedLoad, sample: int = 200) -> list[str]:
         first = op.answer
         if first is None:
             return
-        if op.kind == "deposit":
-            request = c.deposit_request(people[op.user], op.amount, op.key)
+        if op.kind in ("deposit", "withdrawal"):
+            request = c.bank_request(people[op.user], op.amount, op.key, op.kind)
         else:
             request = c.p2p_request(people[op.user], people[op.detail["to"]], op.amount, op.key)
         second = (
@@ -782,7 +790,7 @@ async def replay(load: MixedLoad, sample: int = 200) -> list[str]:
                 f"{op.kind} {op.key}: first {first.status} {first.body}, replay {second.status} {second.body}"
             )
 
-    operations = load.journal.of("p2p", "review", "deposit")
+    operations = load.journal.of("p2p", "review", "deposit", "withdrawal")
     retried = [op for op in operations if not op.clean]
     clean = [op for op in operations if op.clean]
     chosen = retried + load.rng.sample(clean, min(sample, len(clean)))
@@ -792,8 +800,8 @@ async def replay(load: MixedLoad, sample: int = 200) -> list[str]:
 
 
 def _settled_since(op: Operation, first: Attempt, second: Attempt, settled: dict[str, str]) -> bool:
-    """A deposit's transfer answered as the bank's webhook left it."""
-    if op.kind != "deposit" or first.status != 202 or second.status != 202:
+    """A bank transfer answered as the bank's webhook left it."""
+    if op.kind not in ("deposit", "withdrawal") or first.status != 202 or second.status != 202:
         return False
     transfer_id = first.body["transfer_id"]
     now = {"SETTLED": "COMPLETED", "FAILED": "FAILED"}.get(settled.get(transfer_id, ""))
