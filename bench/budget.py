@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 
 from bench.common import (
@@ -75,6 +78,48 @@ async def pair(stub: budget_pb2_grpc.BudgetServiceStub, user: str) -> None:
     )
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used, 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def with_cpu_per_pair(
+    measure: Awaitable[dict[str, Any]],
+    pairs_in: Callable[[dict[str, Any]], int],
+    admin: asyncpg.Connection,
+    server_pid: int,
+    database: str,
+) -> dict[str, Any]:
+    """The measurement's result, with the CPU each process used per pair (ms): the
+    benchmark client itself, the budget process, and the PostgreSQL
+    backends serving its database (not PostgreSQL's shared background
+    processes)."""
+
+    async def snapshot() -> dict[str, float]:
+        backends = await admin.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1", database
+        )
+        return {"client": _cpu_seconds(os.getpid()), "server": _cpu_seconds(server_pid),
+                **{str(r["pid"]): _cpu_seconds(r["pid"]) for r in backends}}  # fmt: skip
+
+    before = await snapshot()
+    result = await measure
+    after = await snapshot()
+    used = {key: after[key] - before.get(key, 0.0) for key in after}
+    count = max(pairs_in(result), 1)
+    result["cpu_ms_per_pair"] = {
+        "client": round(used.pop("client") / count * 1000, 3),
+        "server": round(used.pop("server") / count * 1000, 3),
+        "postgres": round(sum(used.values()) / count * 1000, 3),
+    }
+    return result
+
+
 def pairs(stub: budget_pb2_grpc.BudgetServiceStub, users: list[str], seed: int) -> Call:
     """Timed pairs, each for a user drawn at random (seeded)."""
     rng = random.Random(seed)
@@ -93,13 +138,35 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             cold = [str(uuid.uuid4()) for _ in range(args.budgets)]
             print(f"creating {args.budgets:,} budgets and one hot one …")
             await create_budgets(stub, hot + cold)
+            admin = await asyncpg.connect(settings.postgres_url)
+            assert budget.process is not None
+            server_pid = budget.process.pid
+
+            async def metered(
+                measure: Awaitable[dict[str, Any]],
+                pairs_in: Callable[[dict[str, Any]], int],
+            ) -> dict[str, Any]:
+                return await with_cpu_per_pair(
+                    measure,
+                    pairs_in,
+                    admin,
+                    server_pid,
+                    settings.database_url("budget").rsplit("/", 1)[1],
+                )
+
             for name, users in (("one_hot_budget", hot), ("10k_budgets", cold)):
                 runs = [
-                    await open_loop(pairs(stub, users, 5), args.rate, args.seconds)
+                    await metered(
+                        open_loop(pairs(stub, users, 5), args.rate, args.seconds),
+                        lambda r: int(r["count"]),
+                    )
                     for _ in range(args.runs)
                 ]
                 mid = sorted(runs, key=lambda r: r["p99_ms"])[len(runs) // 2]
-                top = await closed_loop(pairs(stub, users, 6), args.clients, args.flat_out_pairs)
+                top = await metered(
+                    closed_loop(pairs(stub, users, 6), args.clients, args.flat_out_pairs),
+                    lambda r: args.flat_out_pairs,
+                )
                 sweep = [
                     (
                         clients,
@@ -124,8 +191,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(
                     f"  {name:<15} at {args.rate}/s: p50 {mid['p50_ms']} ms, p99 {mid['p99_ms']} ms,"
                     f" {mid['failed']} failed;"
-                    f" flat out {top['per_s']}/s (p99 {top['p99_ms']} ms)"
+                    f" flat out {top['per_s']}/s (p99 {top['p99_ms']} ms);"
+                    f" CPU ms a pair at {args.rate}/s {mid['cpu_ms_per_pair']},"
+                    f" flat out {top['cpu_ms_per_pair']}"
                 )
+            await admin.close()
     await drop_databases(settings, PREFIX)
     return results
 
