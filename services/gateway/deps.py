@@ -259,11 +259,13 @@ Amount = StrictStr | StrictInt | StrictFloat
 StepUpPin = Annotated[
     str | None,
     Field(
-        min_length=4,
-        max_length=6,
-        description="The payer's PIN. Needed only when fraud sends the payment to review: "
-        "without it such a payment is refused (422, reason PIN_REQUIRED); send it again with a "
-        "new idempotency key and the PIN.",
+        pattern=r"^[0-9]{4,6}$",
+        description="The payer's PIN (4 to 6 digits). Needed only when fraud sends the payment "
+        "to review: without it such a payment is refused (422 PIN_REQUIRED; send it again with a "
+        "new idempotency key and the PIN); a wrong one is 403 PIN_INCORRECT, and after five "
+        "wrong ones 422 PIN_LOCKED. 422 PIN_NOT_SET: the payer has no PIN yet (PUT "
+        "/api/v1/wallet/pin).",
+        json_schema_extra={"format": "password", "writeOnly": True},
     ),
 ]
 

@@ -61,17 +61,27 @@ class KeyInUse(Aborted):
         self.retry_after = 1
 
 
+# Fields left out of a fingerprint, by request type: secrets that must not be
+# kept, even hashed.
+_SECRET_FIELDS = {
+    "moneta.wallet.v1.PayMerchantRequest": ("pin",),
+    "moneta.wallet.v1.WithdrawRequest": ("pin",),
+}
+
+
 def fingerprint(request: Message) -> str:
     """What makes two requests the same: the upstream request, its type
     (which names the method) and its fields byte for byte, so that "10" and
     "10.00" are the same amount, and AddFunds is not Withdraw. A PIN is not
     part of it: it would be kept, hashed, beside the answer, where a 4 to 6
     digit secret is quickly guessed from its hash."""
-    if "pin" in request.DESCRIPTOR.fields_by_name:
-        without_pin = type(request)()
-        without_pin.CopyFrom(request)
-        without_pin.ClearField("pin")
-        request = without_pin
+    secrets_in_it = _SECRET_FIELDS.get(request.DESCRIPTOR.full_name, ())
+    if secrets_in_it:
+        without = type(request)()
+        without.CopyFrom(request)
+        for name in secrets_in_it:
+            without.ClearField(name)
+        request = without
     digest = hashlib.sha256(request.DESCRIPTOR.full_name.encode())
     digest.update(b"\0")
     digest.update(request.SerializeToString(deterministic=True))

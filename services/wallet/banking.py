@@ -27,10 +27,10 @@ import hashlib
 import hmac
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -76,6 +76,9 @@ log = structlog.get_logger("moneta.wallet.banking")
 _OK_CODES = (ledger_pb2.TransferResult.OK, ledger_pb2.TransferResult.EXISTS)
 # The budget category a withdrawal's spend counts under.
 CASH_OUT_CATEGORY = "CASH_OUT"
+# A withdrawal's reservation is committed as soon as its hold is placed; it
+# lives long enough for the reconciler to commit it after an outage.
+WITHDRAWAL_RESERVATION_TTL_SECONDS = 6 * 3600
 # Who the wallet's own decisions are recorded as, in wallet_status_changes.
 SYSTEM_ACTOR = "system:banking"
 
@@ -305,7 +308,7 @@ _ACCOUNT_COLUMNS = """
 _TRANSFER_COLUMNS = """
     transfer_id, kind, user_id, wallet_id, bank_account_id, idempotency_key, request_hash, amount,
     currency, status, estimated_completion, failure_reason, failure_message, bank_reference,
-    bank_reason, created_at, updated_at, reservation_id
+    bank_reason, created_at, updated_at, reservation_id, lease_until
 """
 
 
@@ -323,6 +326,45 @@ async def _fetch_transfer(
     return await conn.fetchrow(
         f"SELECT {_TRANSFER_COLUMNS} FROM bank_transfers WHERE transfer_id = $1{lock}",
         transfer_id,
+    )
+
+
+async def _take_lease(conn: DbConn, transfer_id: uuid.UUID) -> asyncpg.Record | None:
+    """Leases a PROCESSING transfer to this attempt: the transfer, or None
+    while another attempt holds it (or once it is no longer PROCESSING)."""
+    return await conn.fetchrow(
+        f"""
+        UPDATE bank_transfers SET lease_until = now() + make_interval(secs => $2),
+                                  updated_at = now()
+         WHERE transfer_id = $1 AND status = 'PROCESSING'
+           AND (lease_until IS NULL OR lease_until < now())
+        RETURNING {_TRANSFER_COLUMNS}
+        """,
+        transfer_id,
+        handlers.LEASE_SECONDS,
+    )
+
+
+async def _release_lease(conn: DbConn, transfer_id: uuid.UUID) -> None:
+    await conn.execute(
+        "UPDATE bank_transfers SET lease_until = NULL WHERE transfer_id = $1", transfer_id
+    )
+
+
+async def _lease(pool: asyncpg.Pool, record: asyncpg.Record) -> asyncpg.Record:
+    """A later attempt at a PROCESSING transfer: leased to it (the transfer
+    as it is then), or as another attempt left it a moment ago; refused,
+    REQUEST_IN_PROGRESS, while another attempt is at work on it."""
+    async with pool.acquire() as conn:
+        leased = await _take_lease(conn, record["transfer_id"])
+        if leased is not None:
+            return leased
+        now = await _fetch_transfer(conn, record["transfer_id"])
+    assert now is not None
+    if now["status"] != "PROCESSING":
+        return now
+    raise Aborted(
+        "the same request is still in progress; retry shortly", reason="REQUEST_IN_PROGRESS"
     )
 
 
@@ -455,7 +497,7 @@ class BankTransferCommand:
     # Withdrawals only: for fraud scoring, and the payer's PIN for a payout
     # that fraud sends to review (step-up).
     device_id: str = ""
-    pin: str = ""
+    pin: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -513,7 +555,8 @@ async def _request_bank_transfer(
             f"""
             INSERT INTO bank_transfers ({_TRANSFER_COLUMNS})
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING', $10,
-                    NULL, NULL, NULL, NULL, now(), now(), NULL)
+                    NULL, NULL, NULL, NULL, now(), now(), NULL,
+                    now() + make_interval(secs => $11))
             ON CONFLICT DO NOTHING
             """,
             transfer_id,
@@ -526,6 +569,7 @@ async def _request_bank_transfer(
             cmd.amount,
             currency,
             estimated_completion(now or datetime.now(UTC)),
+            handlers.LEASE_SECONDS,
         )
         record = await conn.fetchrow(
             f"SELECT {_TRANSFER_COLUMNS} FROM bank_transfers"
@@ -539,19 +583,34 @@ async def _request_bank_transfer(
             "this idempotency key was used for a different request",
             reason="IDEMPOTENCY_KEY_REUSED",
         )
+    fresh = inserted == "INSERT 0 1"
+    if record["status"] == "PROCESSING" and not fresh:
+        record = await _lease(pool, record)
     if record["status"] == "REFUSED":
-        raise FailedPrecondition(record["failure_message"], reason=record["failure_reason"])
+        raise handlers.refusal(record["failure_reason"], record["failure_message"])
     if record["status"] == "PROCESSING":
         try:
-            if inserted == "INSERT 0 1" or await peers.lookup_transfer(transfer_id) is None:
+            if fresh or await peers.lookup_transfer(transfer_id) is None:
                 await _place_hold(pool, peers, record, wallet, account["last4"], cmd)
             else:
                 # An earlier attempt placed the hold and stopped: finish it.
                 await _finish_hold(pool, peers, record, account["last4"])
-        except FailedPrecondition as refusal:
-            # Refused before any money moved: final for this key.
+        except BaseException as exc:
             async with pool.acquire() as conn:
-                await _refuse(conn, transfer_id, refusal)
+                if handlers.is_refusal(exc):
+                    # Refused before any money moved: final for this key,
+                    # and what an earlier attempt reserved is freed.
+                    await _refuse(conn, transfer_id, cast(MonetaError, exc))
+                    reserved = await conn.fetchval(
+                        "SELECT reservation_id FROM bank_transfers WHERE transfer_id = $1",
+                        transfer_id,
+                    )
+                else:
+                    # Outcome unknown: the next attempt, or the reconciler,
+                    # asks the ledger whether the hold was placed.
+                    await _release_lease(conn, transfer_id)
+            if handlers.is_refusal(exc) and reserved is not None:
+                await handlers.release_quietly(peers, str(reserved))
             raise
         async with pool.acquire() as conn:
             record = await _fetch_transfer(conn, transfer_id)
@@ -622,7 +681,7 @@ async def _place_hold(
         )
     )
     if result.code not in _OK_CODES and reservation_id is not None:
-        await peers.release(reservation_id)
+        await handlers.release_quietly(peers, reservation_id)
     if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
         raise FailedPrecondition(
             "insufficient funds", reason="INSUFFICIENT_FUNDS", details={"currency": currency}
@@ -648,10 +707,18 @@ async def _finish_hold(
         async with pool.acquire() as conn:
             wallet = await store.fetch_wallet(conn, user_id=record["user_id"])
         assert wallet is not None  # a withdrawal's wallet is never deleted
-        await handlers.commit_spend(
+        committed = await handlers.commit_spend(
             peers, record["transfer_id"], reservation_id, wallet, record["amount"],
             record["currency"], CASH_OUT_CATEGORY,
         )  # fmt: skip
+        if committed is not None and reservation_id is None:
+            # Found by its reference: kept, so that a failed payout gives it back.
+            async with pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE bank_transfers SET reservation_id = $2 WHERE transfer_id = $1",
+                    record["transfer_id"],
+                    uuid.UUID(committed),
+                )
     await _record_pending(pool, record, account_last4)
 
 
@@ -662,7 +729,7 @@ async def _reserve_withdrawal(pool: asyncpg.Pool, peers: Peers, record: asyncpg.
     the hold too."""
     reservation = await peers.reserve(
         record["user_id"], record["amount"], record["currency"], CASH_OUT_CATEGORY,
-        str(record["transfer_id"]),
+        str(record["transfer_id"]), ttl_seconds=WITHDRAWAL_RESERVATION_TTL_SECONDS,
     )  # fmt: skip
     if reservation.status not in (
         budget_pb2.RESERVATION_STATUS_RESERVED,
@@ -693,7 +760,10 @@ async def _refund_withdrawal(peers: Peers, record: asyncpg.Record) -> None:
             str(record["reservation_id"]), record["amount"], record["currency"],
             f"withdrawal-back:{record['transfer_id']}",
         )  # fmt: skip
-    except FailedPrecondition as exc:
+    except MonetaError as exc:
+        # Budget unavailable, or the reservation never committed: the money
+        # is back either way, and the settlement must not wait on a budget.
+        handlers.BUDGET_FOLLOW_UPS.labels("refund").inc()
         log.error("withdrawal_budget_refund_failed", transfer_id=str(record["transfer_id"]),
                   reason=exc.reason)  # fmt: skip
 
@@ -749,7 +819,9 @@ async def reconcile_stale_bank_transfers(
 ) -> int:
     """Finishes transfers that no attempt finished (a crash between the
     ledger hold and recording it, a client that gave up): PENDING when the
-    ledger holds the money, REFUSED when it does not."""
+    ledger holds the money, REFUSED (and its budget freed) when it does not.
+    Each is leased first, so no attempt is at work on it meanwhile; one that
+    cannot be finished now is left for the next round."""
     async with pool.acquire() as conn:
         stale = await conn.fetch(
             """
@@ -757,30 +829,42 @@ async def reconcile_stale_bank_transfers(
               JOIN bank_accounts a USING (bank_account_id)
              WHERE t.status = 'PROCESSING'
                AND t.updated_at < now() - make_interval(secs => $1)
+               AND (t.lease_until IS NULL OR t.lease_until < now())
              ORDER BY t.updated_at LIMIT 100
             """,
             older_than_seconds,
         )
+    finished = 0
     for row in stale:
+        transfer_id = row["transfer_id"]
         async with pool.acquire() as conn:
-            record = await _fetch_transfer(conn, row["transfer_id"])
-        assert record is not None
-        if await peers.lookup_transfer(row["transfer_id"]) is not None:
-            await _finish_hold(pool, peers, record, row["last4"])
-            outcome = "PENDING"
-        else:
-            if record["reservation_id"] is not None:
-                await peers.release(str(record["reservation_id"]))
+            record = await _take_lease(conn, transfer_id)
+        if record is None:
+            continue  # an attempt is at work on it, or it moved on
+        try:
+            if await peers.lookup_transfer(transfer_id) is not None:
+                await _finish_hold(pool, peers, record, row["last4"])
+                outcome = "PENDING"
+            else:
+                async with pool.acquire() as conn:
+                    await _refuse(
+                        conn, transfer_id,
+                        Aborted("the request did not complete; nothing moved",
+                                reason="REQUEST_ABANDONED"),
+                    )  # fmt: skip
+                if record["reservation_id"] is not None:
+                    await handlers.release_quietly(peers, str(record["reservation_id"]))
+                outcome = "REFUSED"
+        except (MonetaError, OSError, asyncpg.PostgresError) as exc:
+            log.warning("bank_transfer_reconcile_failed", transfer_id=str(transfer_id),
+                        error=str(exc))  # fmt: skip
             async with pool.acquire() as conn:
-                await _refuse(
-                    conn, row["transfer_id"],
-                    Aborted("the request did not complete; nothing moved",
-                            reason="REQUEST_ABANDONED"),
-                )  # fmt: skip
-            outcome = "REFUSED"
-        log.warning("bank_transfer_reconciled", transfer_id=str(row["transfer_id"]),
+                await _release_lease(conn, transfer_id)
+            continue
+        finished += 1
+        log.warning("bank_transfer_reconciled", transfer_id=str(transfer_id),
                     outcome=outcome)  # fmt: skip
-    return len(stale)
+    return finished
 
 
 # ================================================================ settlement

@@ -36,6 +36,7 @@ from services.common.errors import (
     InvalidArgument,
     MonetaError,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from services.common.ids import parse_uuid
@@ -70,6 +71,12 @@ log = structlog.get_logger("moneta.wallet")
 BUDGET_COMMIT_FAILURES = Counter(
     "moneta_wallet_budget_commit_failures_total",
     "Payments whose money moved but whose budget spend could not be committed.",
+)
+BUDGET_FOLLOW_UPS = Counter(
+    "moneta_wallet_budget_follow_up_failures_total",
+    "Budget reservations the wallet could not release, or spend it could not give back,"
+    " though the money did not move or came back (logged for follow-up).",
+    ["action"],
 )
 REVIEW_APPROVALS_LOST = Counter(
     "moneta_wallet_review_approvals_lost_total",
@@ -703,7 +710,7 @@ async def complete_p2p(
     note: str,
     *,
     held: bool,
-    spend: Awaitable[None],
+    spend: Awaitable[object],
     cache_fresh: bool = False,
 ) -> int:
     """Records a P2P payment whose money moved: both wallets' history, then
@@ -794,10 +801,11 @@ async def commit_spend(
     amount: int,
     currency: str,
     category: str,
-) -> None:
-    """Commits the budget spend of a payment whose money moved. The money
-    moving is final, so a budget that can no longer take the spend is logged
-    loudly for follow-up rather than undoing anything."""
+) -> str | None:
+    """Commits the budget spend of a payment whose money moved; returns the
+    reservation committed (None when it could not be). The money moving is
+    final, so a budget that can no longer take the spend is logged loudly
+    for follow-up rather than undoing anything."""
     try:
         if reservation_id is None:
             # Reserved before a crash that lost the id: the reference finds it.
@@ -809,6 +817,38 @@ async def commit_spend(
     except FailedPrecondition as exc:
         BUDGET_COMMIT_FAILURES.inc()
         log.error("budget_commit_failed", transfer_id=str(pid), reason=exc.reason)
+        return None
+    return reservation_id
+
+
+async def release_quietly(peers: Peers, reservation_id: str) -> None:
+    """Frees a reservation whose money did not move. One that lapsed or was
+    settled meanwhile needs nothing; a budget that does not answer is logged
+    and counted (its ttl frees it)."""
+    try:
+        await peers.release(reservation_id)
+    except MonetaError as exc:
+        if exc.reason in ("RESERVATION_EXPIRED", "RESERVATION_RELEASED"):
+            return
+        BUDGET_FOLLOW_UPS.labels("release").inc()
+        log.error("budget_release_failed", reservation_id=reservation_id, reason=exc.reason)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether a payment attempt ended in a final refusal (nothing moved,
+    the key answers it from now on: a business refusal, or a wrong PIN)
+    rather than an unknown outcome."""
+    return isinstance(exc, FailedPrecondition) or (
+        isinstance(exc, PermissionDenied) and exc.reason == "PIN_INCORRECT"
+    )
+
+
+def refusal(reason: str, message: str) -> MonetaError:
+    """A recorded refusal, raised again for a retry: as it was first raised
+    (a wrong PIN is PERMISSION_DENIED, the rest FAILED_PRECONDITION)."""
+    if reason == "PIN_INCORRECT":
+        return PermissionDenied(message, reason=reason)
+    return FailedPrecondition(message, reason=reason)
 
 
 async def _resumed_payment(

@@ -25,8 +25,9 @@ import json
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 import asyncpg
 import structlog
@@ -436,7 +437,7 @@ class PayMerchantCommand:
     category: str = DEFAULT_CATEGORY
     device_id: str = ""
     # The payer's PIN, for a payment fraud sends to review (step-up).
-    pin: str = ""
+    pin: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -551,10 +552,11 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
         return await step.drive(resumed=not fresh)
     except BaseException as exc:
         async with pool.acquire() as conn:
-            if isinstance(exc, FailedPrecondition) and not step.moved:
+            if handlers.is_refusal(exc) and not step.moved:
                 # Refused before any money moved: final for this key (a
                 # retry replays it), and a QR code becomes payable again.
-                await store.fail_payment(conn, pid, exc.reason, exc.message)
+                refused = cast(MonetaError, exc)
+                await store.fail_payment(conn, pid, refused.reason, refused.message)
             else:
                 # Outcome unknown: the next attempt, or the reconciler, asks
                 # the ledger whether the money moved.
@@ -567,7 +569,7 @@ def _replay(payment: asyncpg.Record | None) -> PaymentOutcome | None:
     if payment is None or payment["status"] not in ("COMPLETED", "FAILED"):
         return None
     if payment["status"] == "FAILED":
-        raise FailedPrecondition(payment["failure_message"], reason=payment["failure_reason"])
+        raise handlers.refusal(payment["failure_reason"], payment["failure_message"])
     return PaymentOutcome(
         payment["payment_id"], "COMPLETED", payment["sender_balance"], payment["currency"]
     )

@@ -33,7 +33,7 @@ from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.db import create_pool
-from services.common.errors import FailedPrecondition, Unavailable
+from services.common.errors import Aborted, FailedPrecondition, PermissionDenied, Unavailable
 from services.common.infra import redis_client
 from services.wallet import banking, handlers
 from services.wallet.balance_cache import BalanceCache
@@ -754,10 +754,12 @@ async def test_a_withdrawal_is_budgeted_and_a_failed_or_returned_one_gives_the_b
     beyond = await bank_transfer(http, mesh, alice, "withdraw", account, "20.00", "cash-2")
     left_after_first = await budget_left(http, mesh, alice)
     await webhook(http, first.json()["transfer_id"], "FAILED", reason="R02")
+    await webhook(http, first.json()["transfer_id"], "FAILED", reason="R02")  # delivered twice
     left_after_failure = await budget_left(http, mesh, alice)
     second = await bank_transfer(http, mesh, alice, "withdraw", account, "50.00", "cash-3")
     await webhook(http, second.json()["transfer_id"], "SETTLED")
     left_after_payout = await budget_left(http, mesh, alice)
+    await webhook(http, second.json()["transfer_id"], "RETURNED", reason="R03")
     await webhook(http, second.json()["transfer_id"], "RETURNED", reason="R03")
 
     assert first.status_code == 202, first.text
@@ -870,15 +872,24 @@ async def test_a_withdrawal_whose_hold_answer_was_lost_is_finished_and_its_spend
     await verified(http, mesh)
 
 
-async def test_a_withdrawal_that_never_reached_the_ledger_frees_its_budget(
+@pytest.mark.parametrize("reservation", ["held", "lapsed"])
+async def test_a_withdrawal_that_never_reached_the_ledger_is_refused_and_frees_its_budget(
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: wallet_pb2_grpc.WalletServiceStub,
     wallet_db: asyncpg.Pool,
     peers: Peers,
+    reservation: str,
 ) -> None:
     alice, cmd = await interrupted_withdrawal(http, mesh, wallet_stub, wallet_db, LedgerDown, peers)
     reserved = await budget_of(http, mesh, alice)
+    if reservation == "lapsed":
+        # As its ttl would, while the services were down: the reconciler
+        # must still finish the transfer (and the ones after it).
+        held = await wallet_db.fetchval(
+            "SELECT reservation_id FROM bank_transfers WHERE user_id = $1", uuid.UUID(alice.user_id)
+        )
+        await peers.release(str(held))
 
     await banking.reconcile_stale_bank_transfers(wallet_db, peers, older_than_seconds=0)
 
@@ -888,6 +899,50 @@ async def test_a_withdrawal_that_never_reached_the_ledger_frees_its_budget(
         await banking.withdraw(wallet_db, peers, cmd)
     assert replay.value.reason == "REQUEST_ABANDONED"
     assert (await usd(http, mesh, alice))["available"] == "100.00"
+
+
+async def test_a_withdrawal_retried_after_the_ledger_was_down_goes_through_once(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: wallet_pb2_grpc.WalletServiceStub,
+    wallet_db: asyncpg.Pool,
+    peers: Peers,
+) -> None:
+    alice, cmd = await interrupted_withdrawal(http, mesh, wallet_stub, wallet_db, LedgerDown, peers)
+
+    first, again = (
+        await banking.withdraw(wallet_db, peers, cmd),
+        await banking.withdraw(wallet_db, peers, cmd),
+    )
+
+    assert (first.status, again.status) == ("PENDING", "PENDING")
+    assert await budget_of(http, mesh, alice) == ("40.00", "0.00")
+    assert (await usd(http, mesh, alice))["available"] == "60.00"
+    await verified(http, mesh)
+
+
+async def test_the_reconciler_leaves_alone_a_withdrawal_an_attempt_is_at_work_on(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: wallet_pb2_grpc.WalletServiceStub,
+    wallet_db: asyncpg.Pool,
+    peers: Peers,
+) -> None:
+    alice, cmd = await interrupted_withdrawal(http, mesh, wallet_stub, wallet_db, LedgerDown, peers)
+    transfer_id = banking.bank_transfer_id(uuid.UUID(alice.user_id), cmd.idempotency_key)
+    async with wallet_db.acquire() as conn:
+        assert await banking._take_lease(conn, transfer_id) is not None  # another attempt
+
+    await banking.reconcile_stale_bank_transfers(wallet_db, peers, older_than_seconds=0)
+    with pytest.raises(Aborted) as concurrent:
+        await banking.withdraw(wallet_db, peers, cmd)
+
+    assert concurrent.value.reason == "REQUEST_IN_PROGRESS"
+    status = await wallet_db.fetchval(
+        "SELECT status FROM bank_transfers WHERE transfer_id = $1", transfer_id
+    )
+    assert status == "PROCESSING"
+    assert await budget_of(http, mesh, alice) == ("0.00", "40.00")
 
 
 async def test_a_blocked_user_cannot_withdraw_and_nothing_is_held(
@@ -910,7 +965,11 @@ async def test_a_blocked_user_cannot_withdraw_and_nothing_is_held(
 
 
 async def test_a_withdrawal_sent_to_review_goes_ahead_only_with_the_pin(
-    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: wallet_pb2_grpc.WalletServiceStub,
+    wallet_db: asyncpg.Pool,
+    peers: Peers,
 ) -> None:
     alice = await create_person(wallet_stub, http, mesh, "15000.00")
     await set_pin(http, mesh, alice, "2468")
@@ -918,12 +977,25 @@ async def test_a_withdrawal_sent_to_review_goes_ahead_only_with_the_pin(
     # The mesh sends payments of 10,000 or more to review.
 
     no_pin = await bank_transfer(http, mesh, alice, "withdraw", account, "10000", "big")
+    wrong_pin = await bank_transfer(
+        http, mesh, alice, "withdraw", account, "10000", "big-2", pin="1357"
+    )
     untouched = await usd(http, mesh, alice)
     with_pin = await bank_transfer(
-        http, mesh, alice, "withdraw", account, "10000", "big-2", pin="2468"
+        http, mesh, alice, "withdraw", account, "10000", "big-3", pin="2468"
     )
 
     assert (no_pin.status_code, reason_of(no_pin)) == (422, "PIN_REQUIRED")
+    assert (wrong_pin.status_code, reason_of(wrong_pin)) == (403, "PIN_INCORRECT")
+    # A wrong PIN is final for its key, at the wallet too (not only in the
+    # gateway's stored answers): the right one needs a new key.
+    with pytest.raises(PermissionDenied) as replayed:
+        await banking.withdraw(
+            wallet_db, peers,
+            banking.BankTransferCommand(alice.user_id, 1_000_000, "USD", account, "big-2",
+                                        pin="2468"),
+        )  # fmt: skip
+    assert replayed.value.reason == "PIN_INCORRECT"
     assert untouched["available"] == "15000.00"
     assert with_pin.status_code == 202, with_pin.text
     assert with_pin.json()["status"] == "PENDING"

@@ -435,6 +435,22 @@ async def test_a_payment_flagged_for_review_goes_ahead_only_with_the_payers_pin(
     await assert_ledger_verifies(http, mesh)
 
 
+async def test_a_qr_code_refused_for_a_wrong_pin_is_payable_again_with_the_right_one(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: Stub
+) -> None:
+    payer = await create_person(wallet_stub, http, mesh, "20000.00")
+    await set_pin(http, mesh, payer, "2468")
+    merchant = await create_merchant(http, mesh)
+    qr = await create_qr(http, mesh, merchant, "10000.00", "till-7")
+
+    wrong = await pay(http, mesh, payer, "till-a", qr_payload=qr, pin="1357")
+    right = await pay(http, mesh, payer, "till-b", qr_payload=qr, pin="2468")
+
+    assert error_of(wrong) == (403, "PIN_INCORRECT")
+    assert right.status_code == 200, right.text
+    assert (await balances_of(http, mesh, payer))["USD"] == "10000.00"
+
+
 async def test_an_unknown_merchant_is_not_found(
     mesh: Mesh, http: httpx.AsyncClient, wallet_stub: Stub
 ) -> None:

@@ -5,3 +5,8 @@ ALTER TABLE bank_transfers ADD COLUMN reservation_id uuid;
 ALTER TABLE bank_transfers
     ADD CONSTRAINT bank_transfers_reservation_withdrawal
     CHECK (reservation_id IS NULL OR kind = 'WITHDRAWAL');
+
+-- An attempt at a transfer still PROCESSING holds it for a while: the
+-- reconciler, or another attempt with the same key, leaves it alone meanwhile
+-- (so one of them cannot refuse it while the other places its hold).
+ALTER TABLE bank_transfers ADD COLUMN lease_until timestamptz;
