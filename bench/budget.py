@@ -132,7 +132,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "target": {"rate": TARGET_RATE,
                                "p99_ms": TARGET_P99_MS}, "scenarios": {}}  # fmt: skip
     with running_service("budget", PREFIX, MONETA_DB_POOL_MAX="20") as budget:
-        async with grpc.aio.insecure_channel(budget.address) as channel:
+        async with grpc.aio.insecure_channel(
+            budget.address,
+            # Neither is used here, and each costs every call some CPU on the
+            # cores the service shares with this client (as in bench/ledger.py).
+            options=[("grpc.enable_retries", 0), ("grpc.enable_channelz", 0)],
+        ) as channel:
             stub = budget_pb2_grpc.BudgetServiceStub(channel)
             hot = [str(uuid.uuid4())]
             cold = [str(uuid.uuid4()) for _ in range(args.budgets)]
