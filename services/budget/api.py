@@ -275,6 +275,7 @@ class BudgetApi(budget_pb2_grpc.BudgetServiceServicer):
             category=request.category or "ALL",
             reference=request.reference,
             ttl_seconds=request.ttl_seconds,
+            reservation_id=request.reservation_id,
         )
         row = await handlers.reserve(self._writer, cmd, self._default_ttl, self._rates)
         return pb.ReserveResponse(reservation=reservation_to_pb(row))

@@ -68,6 +68,8 @@ class ReserveCommand:
     category: str
     reference: str
     ttl_seconds: int
+    # The new reservation's id, when the caller chose it (empty: a new one).
+    reservation_id: str = ""
 
 
 async def create_budget(
@@ -245,9 +247,10 @@ async def reserve(
     if not 0 < ttl <= MAX_TTL_SECONDS:
         raise InvalidArgument("ttl must be 1 second to 24 hours", reason="INVALID_TTL")
 
+    chosen = parse_uuid(cmd.reservation_id, "reservation_id") if cmd.reservation_id else None
     now = datetime.now(UTC)
     new = store.NewReservation(
-        reservation_id=uuid.uuid4(),
+        reservation_id=chosen or uuid.uuid4(),
         reference=cmd.reference,
         user_id=user_id,
         amount=cmd.amount,
@@ -255,6 +258,24 @@ async def reserve(
         category=cmd.category,
         expires_at=now + timedelta(seconds=ttl),
     )
+    try:
+        return await _reserve(writer, cmd, new, now, user_id, rates)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "reservations_pkey":
+            raise
+        raise AlreadyExists(
+            "this reservation id is another reference's", reason="RESERVATION_ID_TAKEN"
+        ) from None
+
+
+async def _reserve(
+    writer: ReservationWriter,
+    cmd: ReserveCommand,
+    new: store.NewReservation,
+    now: datetime,
+    user_id: uuid.UUID,
+    rates: Mapping[str, Decimal],
+) -> store.ReservationRow:
     outcome, reserved = await writer.reserve(store.PlainReserve(new, now))
     if reserved is not None:
         return reserved

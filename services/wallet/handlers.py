@@ -566,13 +566,12 @@ class _Payment:
                     status="PENDING_REVIEW", description=self.cmd.note,
                 ),
             )  # fmt: skip
-            await store.hold_for_review(conn, self.pid, balance, expires_at)
+            await store.hold_for_review(conn, self.pid, balance, expires_at, self.reservation_id)
         log.info("transfer_held_for_review", transfer_id=str(self.pid))
         return TransferOutcome(self.pid, "PENDING_REVIEW", balance, self.currency)
 
     async def _give_up_review(self) -> None:
-        if self.reservation_id is not None:
-            await self.peers.release(self.reservation_id)
+        await release_quietly(self.peers, self.reservation_id or str(reservation_id_for(self.pid)))
         async with self.pool.acquire() as conn:
             await history.set_status(conn, self.pid, "EXPIRED")
         raise FailedPrecondition("the transfer was not confirmed in time", reason="REVIEW_EXPIRED")
@@ -617,7 +616,7 @@ class _Payment:
         )
         if result.code in _OK_CODES:
             return result.transfer
-        await self.peers.release(self.reservation_id)
+        await release_quietly(self.peers, self.reservation_id)
         if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
             raise FailedPrecondition(
                 "insufficient funds",
@@ -684,19 +683,32 @@ async def reserve_for_payment(
     ttl_seconds: int = 0,
 ) -> str:
     """Reserves a payment's budget spend (once: the payment's id is the
-    reference) and records the reservation on the payment."""
+    reference) under the id ``reservation_id_for`` gives it, so that nothing
+    needs recording: whoever finishes the payment knows the id."""
     reservation = await peers.reserve(
-        user_id, amount, currency, category, str(pid), ttl_seconds=ttl_seconds
-    )
+        user_id, amount, currency, category, str(pid), ttl_seconds=ttl_seconds,
+        reservation_id=reservation_id_for(pid),
+    )  # fmt: skip
     if reservation.status != budget_pb2.RESERVATION_STATUS_RESERVED:
         # An earlier attempt's reservation lapsed before money moved.
         raise FailedPrecondition(
             "the payment's budget reservation has lapsed; retry with a new key",
             reason="RESERVATION_LAPSED",
         )
-    async with pool.acquire() as conn:
-        await store.set_payment_reservation(conn, pid, reservation.reservation_id)
     return str(reservation.reservation_id)
+
+
+def reservation_id_for(pid: uuid.UUID) -> uuid.UUID:
+    """The budget reservation of a payment, as the wallet names it."""
+    return uuid.uuid5(NAMESPACE, f"reservation:{pid}")
+
+
+def payment_reservation(payment: asyncpg.Record) -> str:
+    """The reservation of a recorded payment: the one recorded on it (by a
+    review hold, or by the wallet before it named reservations itself), or
+    the one it named."""
+    recorded = payment["reservation_id"]
+    return str(recorded or reservation_id_for(payment["payment_id"]))
 
 
 async def complete_p2p(
@@ -828,8 +840,8 @@ async def release_quietly(peers: Peers, reservation_id: str) -> None:
     try:
         await peers.release(reservation_id)
     except MonetaError as exc:
-        if exc.reason in ("RESERVATION_EXPIRED", "RESERVATION_RELEASED"):
-            return
+        if exc.reason in ("RESERVATION_EXPIRED", "RESERVATION_RELEASED", "RESERVATION_NOT_FOUND"):
+            return  # lapsed, freed already, or never made
         BUDGET_FOLLOW_UPS.labels("release").inc()
         log.error("budget_release_failed", reservation_id=reservation_id, reason=exc.reason)
 
@@ -901,8 +913,7 @@ async def reconcile_stale_payments(
             attempt = await _resumed_payment(pool, peers, payment)
             placed = await peers.lookup_transfer(pid)
             if placed is None or attempt is None:
-                if payment["reservation_id"] is not None:
-                    await peers.release(str(payment["reservation_id"]))
+                await release_quietly(peers, payment_reservation(payment))
                 async with pool.acquire() as conn:
                     await store.fail_payment(
                         conn,
@@ -1157,8 +1168,7 @@ async def _approve_review(peers: Peers, pid: uuid.UUID, payer: uuid.UUID) -> Non
 
 async def _settle_lapsed_review(pool: asyncpg.Pool, peers: Peers, payment: asyncpg.Record) -> None:
     """A review hold that expired: free the budget, mark it all expired."""
-    if payment["reservation_id"]:
-        await peers.release(str(payment["reservation_id"]))
+    await release_quietly(peers, payment_reservation(payment))
     # The ledger released the hold by itself: the cached balance is stale.
     await peers.cache.invalidate(
         [

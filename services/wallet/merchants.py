@@ -639,7 +639,7 @@ class _MerchantPayment:
         )
         if result.code in _OK_CODES:
             return
-        await self.peers.release(self.reservation_id)
+        await handlers.release_quietly(self.peers, self.reservation_id)
         if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
             raise FailedPrecondition(
                 "insufficient funds",
@@ -741,7 +741,7 @@ async def reconcile_stale_merchant_payments(
                 continue
             payment = await conn.fetchrow(
                 """
-                SELECT p.sender_user_id, p.amount, p.currency, p.reservation_id,
+                SELECT p.payment_id, p.sender_user_id, p.amount, p.currency, p.reservation_id,
                        m.merchant_id, m.reference, m.category
                   FROM payments p JOIN merchant_payments m USING (payment_id)
                  WHERE p.payment_id = $1
@@ -768,8 +768,7 @@ async def reconcile_stale_merchant_payments(
                 )  # fmt: skip
                 outcome = "COMPLETED"
             else:
-                if reservation_id is not None:
-                    await peers.release(reservation_id)
+                await handlers.release_quietly(peers, handlers.payment_reservation(payment))
                 async with pool.acquire() as conn:
                     await store.fail_payment(
                         conn,

@@ -217,6 +217,7 @@ class Peers:
         category: str,
         reference: str,
         ttl_seconds: int = 0,
+        reservation_id: uuid.UUID | None = None,
     ) -> budget_pb2.Reservation:
         response: budget_pb2.ReserveResponse = await _call(
             self.budget.Reserve(
@@ -226,6 +227,7 @@ class Peers:
                     category=category,
                     reference=reference,
                     ttl_seconds=ttl_seconds,
+                    reservation_id=str(reservation_id) if reservation_id else "",
                 )
             )
         )

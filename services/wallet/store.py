@@ -285,14 +285,6 @@ async def stale_payments(conn: DbConn, older_than_seconds: float, limit: int) ->
     return [r["payment_id"] for r in rows]
 
 
-async def set_payment_reservation(conn: DbConn, payment_id: uuid.UUID, reservation_id: str) -> None:
-    await conn.execute(
-        "UPDATE payments SET reservation_id = $2, updated_at = now() WHERE payment_id = $1",
-        payment_id,
-        uuid.UUID(reservation_id),
-    )
-
-
 async def complete_payment(conn: DbConn, payment_id: uuid.UUID, sender_balance: int) -> None:
     await conn.execute(
         """
@@ -351,17 +343,23 @@ async def change_wallet_status(
 
 
 async def hold_for_review(
-    conn: DbConn, payment_id: uuid.UUID, sender_balance: int, expires_at: datetime
+    conn: DbConn,
+    payment_id: uuid.UUID,
+    sender_balance: int,
+    expires_at: datetime,
+    reservation_id: str | None,
 ) -> None:
     await conn.execute(
         """
         UPDATE payments SET status = 'PENDING_REVIEW', sender_balance = $2,
-                            review_expires_at = $3, lease_until = NULL, updated_at = now()
+                            review_expires_at = $3, lease_until = NULL, updated_at = now(),
+                            reservation_id = coalesce($4, reservation_id)
          WHERE payment_id = $1 AND status = 'PROCESSING'
         """,
         payment_id,
         sender_balance,
         expires_at,
+        uuid.UUID(reservation_id) if reservation_id else None,
     )
 
 

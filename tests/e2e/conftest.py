@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +19,11 @@ import httpx
 import pytest
 
 from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
+from moneta.ledger.v1 import ledger_pb2
 from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from services.common.errors import Unavailable
 from services.gateway.auth import TokenVerifier
+from services.wallet.peers import Peers
 from tests.conftest import ROOT, TestRun
 from tests.processes import die_with_parent
 
@@ -230,3 +233,46 @@ async def block_user(mesh: Mesh, person: Person) -> None:
                 )
             )
         )
+
+
+class AnswerLost(Peers):
+    """Peers whose ledger applies every transfer but whose answer is lost on
+    the way back: an attempt that cannot know whether the money moved."""
+
+    async def create_transfers(
+        self, transfers: Sequence[ledger_pb2.Transfer]
+    ) -> list[ledger_pb2.TransferResult]:
+        await super().create_transfers(transfers)
+        raise Unavailable("the ledger's answer was lost", reason="DEPENDENCY_UNAVAILABLE")
+
+
+class LedgerDown(Peers):
+    """Peers whose transfers never reach the ledger."""
+
+    async def create_transfers(
+        self, transfers: Sequence[ledger_pb2.Transfer]
+    ) -> list[ledger_pb2.TransferResult]:
+        raise Unavailable("the ledger is down", reason="DEPENDENCY_UNAVAILABLE")
+
+
+async def budgeted_person(
+    wallet: wallet_pb2_grpc.WalletServiceStub,
+    http: httpx.AsyncClient,
+    mesh: Mesh,
+    initial_balance: str,
+    category: str,
+    total: str,
+) -> Person:
+    """A user of a company of their own, with ``initial_balance`` USD and a
+    hard monthly budget of ``total`` USD for ``category``, given by one of
+    the company's managers through the gateway."""
+    company = str(uuid.uuid4())
+    person = await create_person(wallet, http, mesh, initial_balance, company_id=company)
+    created = await http.post(
+        "/api/v1/budgets",
+        json={"user_id": person.user_id, "total_amount": total, "currency": "USD",
+              "period_type": "MONTHLY", "category": category},
+        headers=mesh.auth(str(uuid.uuid4()), "manager", company),
+    )  # fmt: skip
+    assert created.status_code == 201, created.text
+    return person

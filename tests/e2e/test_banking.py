@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -30,7 +30,6 @@ import httpx
 import pytest
 
 from moneta.fraud.v1 import fraud_pb2
-from moneta.ledger.v1 import ledger_pb2
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.db import create_pool
 from services.common.errors import Aborted, FailedPrecondition, PermissionDenied, Unavailable
@@ -42,9 +41,12 @@ from services.wallet.peers import Peers
 from tests.conftest import ROOT, TestRun, service_pool
 from tests.e2e.conftest import (
     BANK_WEBHOOK_SECRET,
+    AnswerLost,
+    LedgerDown,
     Mesh,
     Person,
     block_user,
+    budgeted_person,
     create_person,
     fraud_case,
     free_port,
@@ -738,16 +740,7 @@ async def budget_left(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> st
 async def test_a_withdrawal_is_budgeted_and_a_failed_or_returned_one_gives_the_budget_back(
     mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
 ) -> None:
-    company = str(uuid.uuid4())
-    manager = mesh.auth(str(uuid.uuid4()), "manager", company)
-    alice = await create_person(wallet_stub, http, mesh, "100.00", company_id=company)
-    created = await http.post(
-        "/api/v1/budgets",
-        json={"user_id": alice.user_id, "total_amount": "50", "currency": "USD",
-              "period_type": "MONTHLY", "category": "CASH_OUT"},
-        headers=manager,
-    )  # fmt: skip
-    assert created.status_code == 201, created.text
+    alice = await budgeted_person(wallet_stub, http, mesh, "100.00", "CASH_OUT", "50")
     account = await link_account(http, mesh, alice)
 
     first = await bank_transfer(http, mesh, alice, "withdraw", account, "40.00", "cash-1")
@@ -777,41 +770,6 @@ async def test_a_withdrawal_is_budgeted_and_a_failed_or_returned_one_gives_the_b
     await verified(http, mesh)
 
 
-class AnswerLost(Peers):
-    """The ledger applies the transfer, but its answer is lost."""
-
-    async def create_transfers(
-        self, transfers: Sequence[ledger_pb2.Transfer]
-    ) -> list[ledger_pb2.TransferResult]:
-        await super().create_transfers(transfers)
-        raise Unavailable("the ledger's answer was lost", reason="DEPENDENCY_UNAVAILABLE")
-
-
-class LedgerDown(Peers):
-    """The request never reaches the ledger."""
-
-    async def create_transfers(
-        self, transfers: Sequence[ledger_pb2.Transfer]
-    ) -> list[ledger_pb2.TransferResult]:
-        raise Unavailable("the ledger is down", reason="DEPENDENCY_UNAVAILABLE")
-
-
-async def budgeted_person(
-    http: httpx.AsyncClient, mesh: Mesh, wallet_stub: wallet_pb2_grpc.WalletServiceStub
-) -> Person:
-    """A company's user with 100 USD and a hard CASH_OUT budget of 50."""
-    company = str(uuid.uuid4())
-    person = await create_person(wallet_stub, http, mesh, "100.00", company_id=company)
-    created = await http.post(
-        "/api/v1/budgets",
-        json={"user_id": person.user_id, "total_amount": "50", "currency": "USD",
-              "period_type": "MONTHLY", "category": "CASH_OUT"},
-        headers=mesh.auth(str(uuid.uuid4()), "manager", company),
-    )  # fmt: skip
-    assert created.status_code == 201, created.text
-    return person
-
-
 async def budget_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> tuple[str, str]:
     """(used, reserved) of the person's one budget."""
     response = await http.get(
@@ -831,7 +789,7 @@ async def interrupted_withdrawal(
 ) -> tuple[Person, banking.BankTransferCommand]:
     """A budgeted person's withdrawal of 40 USD made through ``broken`` peers
     (it raises Unavailable): the person and the command, to retry."""
-    alice = await budgeted_person(http, mesh, wallet_stub)
+    alice = await budgeted_person(wallet_stub, http, mesh, "100.00", "CASH_OUT", "50")
     account = await link_account(http, mesh, alice)
     cmd = banking.BankTransferCommand(alice.user_id, 4000, "USD", account, "interrupted")
     addrs = (mesh.grpc_addrs["ledger"], mesh.grpc_addrs["budget"], mesh.grpc_addrs["fraud"])

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -20,9 +20,9 @@ from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.db import create_pool
-from services.common.errors import Unavailable
+from services.common.errors import FailedPrecondition, Unavailable
 from services.common.infra import redis_client
-from services.wallet import fx, merchants
+from services.wallet import fx, handlers, merchants
 from services.wallet.balance_cache import BalanceCache
 from services.wallet.config import WalletSettings
 from services.wallet.fx import fx_pool_account_id
@@ -34,7 +34,16 @@ from services.wallet.merchants import (
 )
 from services.wallet.peers import Peers
 from tests.conftest import TestRun
-from tests.e2e.conftest import Mesh, Person, create_person, fraud_case, set_pin
+from tests.e2e.conftest import (
+    AnswerLost,
+    LedgerDown,
+    Mesh,
+    Person,
+    budgeted_person,
+    create_person,
+    fraud_case,
+    set_pin,
+)
 
 Stub = wallet_pb2_grpc.WalletServiceStub
 
@@ -48,17 +57,6 @@ async def wallet_db(test_run: TestRun, mesh: Mesh) -> AsyncIterator[asyncpg.Conn
     await conn.close()
 
 
-class AnswerLost(Peers):
-    """Peers whose ledger applies every transfer but whose answer is lost on
-    the way back: an attempt that cannot know whether the money moved."""
-
-    async def create_transfers(
-        self, transfers: Sequence[ledger_pb2.Transfer]
-    ) -> list[ledger_pb2.TransferResult]:
-        await super().create_transfers(transfers)
-        raise Unavailable("the ledger's answer was lost", reason="DEPENDENCY_UNAVAILABLE")
-
-
 @dataclass
 class InProcess:
     """The wallet's code run in the test's own process, against the mesh's
@@ -67,6 +65,7 @@ class InProcess:
     pool: asyncpg.Pool
     peers: Peers
     lossy: Peers
+    down: Peers
 
 
 @pytest.fixture
@@ -76,9 +75,10 @@ async def in_process(test_run: TestRun, mesh: Mesh) -> AsyncIterator[InProcess]:
     cache = BalanceCache(redis, test_run.redis_prefix)
     addrs = (mesh.grpc_addrs["ledger"], mesh.grpc_addrs["budget"], mesh.grpc_addrs["fraud"])
     peers, lossy = Peers(*addrs, 5.0, cache), AnswerLost(*addrs, 5.0, cache)
-    yield InProcess(pool, peers, lossy)
-    await peers.close()
-    await lossy.close()
+    down = LedgerDown(*addrs, 5.0, cache)
+    yield InProcess(pool, peers, lossy, down)
+    for each in (peers, lossy, down):
+        await each.close()
     await redis.aclose()
     await pool.close()
 
@@ -400,6 +400,40 @@ async def test_the_reconciler_completes_an_abandoned_payment_whose_money_moved(
     assert replay.status_code == 200, replay.text
     assert replay.json()["payer_balance"] == "25.00"
     await assert_ledger_verifies(http, mesh)
+
+
+async def test_an_abandoned_payment_that_never_moved_money_frees_its_budget(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: Stub, in_process: InProcess
+) -> None:
+    # The wallet names its reservations, so one made just before a crash
+    # (nothing recorded) is freed by the reconciler, not left to its ttl.
+    payer = await budgeted_person(wallet_stub, http, mesh, "50.00", "P2P", "30")
+    friend = await create_person(wallet_stub, http, mesh, "0")
+    cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 2000, "USD", "cut")
+    with pytest.raises(Unavailable):
+        await handlers.transfer(in_process.pool, in_process.down, cmd)
+    reserved = (await budgets_of(http, mesh, payer))[0]["reserved_amount"]
+    recorded = await in_process.pool.fetchval(
+        "SELECT reservation_id FROM payments WHERE sender_user_id = $1", uuid.UUID(payer.user_id)
+    )
+
+    await handlers.reconcile_stale_payments(in_process.pool, in_process.peers, 0.0)
+
+    budget = (await budgets_of(http, mesh, payer))[0]
+    assert reserved == "20.00" and recorded is None  # nothing recorded: a crash loses nothing
+    assert (budget["reserved_amount"], budget["used_amount"]) == ("0.00", "0.00")
+    with pytest.raises(FailedPrecondition) as replay:
+        await handlers.transfer(in_process.pool, in_process.peers, cmd)
+    assert replay.value.reason == "PAYMENT_ABANDONED"
+    assert (await balances_of(http, mesh, payer))["USD"] == "50.00"
+
+
+async def budgets_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> list[dict[str, str]]:
+    response = await http.get(
+        f"/api/v1/budgets/{person.user_id}", headers=mesh.auth(person.user_id)
+    )
+    assert response.status_code == 200, response.text
+    return list(response.json()["budgets"])
 
 
 async def test_a_payment_flagged_for_review_goes_ahead_only_with_the_payers_pin(

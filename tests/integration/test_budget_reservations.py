@@ -64,6 +64,7 @@ def reserve_command(
     currency: str = "USD",
     reference: str | None = None,
     ttl_seconds: int = 0,
+    reservation_id: str = "",
 ) -> handlers.ReserveCommand:
     return handlers.ReserveCommand(
         user_id=user_id,
@@ -72,6 +73,7 @@ def reserve_command(
         category=category,
         reference=reference or f"ref-{uuid.uuid4()}",
         ttl_seconds=ttl_seconds,
+        reservation_id=reservation_id,
     )
 
 
@@ -298,6 +300,31 @@ async def test_reserving_the_same_reference_twice_makes_one_reservation(
 
     assert second == first
     assert await count_reservations(budget_pool, user_id) == 1
+
+
+@pytest.mark.parametrize("path", ["plain", "full"])
+async def test_a_reservation_takes_the_id_its_caller_chose_once(
+    budget_pool: asyncpg.Pool, user_id: str, path: str
+) -> None:
+    # The full path: spend in another currency than the budget's.
+    currency = "USD" if path == "plain" else "EUR"
+    budget_id = await create_budget(budget_pool, user_id)
+    chosen = str(uuid.uuid4())
+
+    first = await reserve(budget_pool, user_id, 2_500, currency=currency,
+                          reference=f"trip-{user_id}", reservation_id=chosen)  # fmt: skip
+    again = await reserve(budget_pool, user_id, 2_500, currency=currency,
+                          reference=f"trip-{user_id}", reservation_id=chosen)  # fmt: skip
+    with pytest.raises(AlreadyExists) as taken:
+        await reserve(budget_pool, user_id, 100, currency=currency, reservation_id=chosen)
+    with pytest.raises(InvalidArgument) as malformed:
+        await reserve(budget_pool, user_id, 100, reservation_id="not-a-uuid")
+
+    assert first == again == chosen
+    assert taken.value.reason == "RESERVATION_ID_TAKEN"
+    assert malformed.value.reason == "INVALID_ID"
+    assert await count_reservations(budget_pool, user_id) == 1
+    assert (await held(budget_pool, budget_id))[1] > 0
 
 
 async def test_reserving_the_same_reference_twice_holds_the_budget_once(
