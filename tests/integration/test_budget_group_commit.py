@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from services.budget import handlers, store
 from services.budget.domain import ReservationStatus
 from services.budget.handlers import ReservationWriter
+from services.common.db import DbConn
 from tests.integration.test_budget_reservations import (
     DEFAULT_TTL,
     RATES,
@@ -216,3 +217,40 @@ async def test_a_settled_reservation_is_answered_as_it_is_stored_batched_or_alon
     assert [s["status"] for s in stored] == [ReservationStatus.COMMITTED] * 3 + [
         ReservationStatus.RELEASED
     ]
+
+
+async def test_a_batch_reads_no_table_through_once_its_plans_are_cached(
+    budget_pool: asyncpg.Pool, user_id: str
+) -> None:
+    # PL/pgSQL caches a plan per connection: one made while the tables are
+    # small (as here) must still not scan them through, since it stays cached
+    # as they grow. A batch's own locks and its settles read by key.
+    await create_budget(budget_pool, user_id, total_amount=10**9)
+    writer = ReservationWriter(budget_pool)
+    ids = [
+        (await handlers.reserve(writer, reserve_command(user_id, 100), DEFAULT_TTL, RATES))[
+            "reservation_id"
+        ]
+        for _ in range(20)
+    ]
+    tables = ("budgets", "reservations", "reservation_lines")
+
+    async def sequential_scans(conn: DbConn) -> int:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        return int(await conn.fetchval(
+            "SELECT sum(seq_scan) FROM pg_stat_user_tables WHERE relname = ANY ($1)", tables
+        ))  # fmt: skip
+
+    async def commit_in_pairs(conn: DbConn, rids: list[uuid.UUID]) -> None:
+        for i in range(0, len(rids), 2):
+            now = datetime.now(UTC)
+            settles = [store.Settle(r, ReservationStatus.COMMITTED, now) for r in rids[i : i + 2]]
+            await store.apply_reservation_ops(conn, settles)
+
+    async with budget_pool.acquire() as conn:
+        # Six batches first: from the sixth run on, PL/pgSQL may keep a generic plan.
+        await commit_in_pairs(conn, ids[:12])
+        before = await sequential_scans(conn)
+        await commit_in_pairs(conn, ids[12:])
+        assert await sequential_scans(conn) == before
