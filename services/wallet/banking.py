@@ -12,6 +12,13 @@
   hold (SETTLED), voids it (FAILED) or reverses the posting (RETURNED). A
   returned deposit that was already spent leaves a debt on a RECEIVABLE
   account, freezes the wallet, and is repaid first from money that arrives.
+- A withdrawal is a payment like any other: fraud scores it first (one sent
+  to review goes ahead only with the payer's PIN), it reserves the payer's
+  CASH_OUT budgets before its hold and commits them once the hold is placed,
+  and a payout that fails or comes back gives the spend back (at once, or
+  on the relay's sweep if the budget service does not answer).
+- An attempt leases its transfer while it works, so the reconciler (or a
+  concurrent attempt with the same key) never acts on it meanwhile.
 
 Every ledger id derives from the transfer's id, so a retried request, a
 webhook delivered twice or a step resumed after a crash moves nothing twice.
@@ -308,7 +315,7 @@ _ACCOUNT_COLUMNS = """
 _TRANSFER_COLUMNS = """
     transfer_id, kind, user_id, wallet_id, bank_account_id, idempotency_key, request_hash, amount,
     currency, status, estimated_completion, failure_reason, failure_message, bank_reference,
-    bank_reason, created_at, updated_at, reservation_id, lease_until
+    bank_reason, created_at, updated_at, reservation_id, lease_until, budget_given_back_at
 """
 
 
@@ -556,7 +563,7 @@ async def _request_bank_transfer(
             INSERT INTO bank_transfers ({_TRANSFER_COLUMNS})
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING', $10,
                     NULL, NULL, NULL, NULL, now(), now(), NULL,
-                    now() + make_interval(secs => $11))
+                    now() + make_interval(secs => $11), NULL)
             ON CONFLICT DO NOTHING
             """,
             transfer_id,
@@ -749,23 +756,56 @@ async def _reserve_withdrawal(pool: asyncpg.Pool, peers: Peers, record: asyncpg.
     return str(reservation.reservation_id)
 
 
-async def _refund_withdrawal(peers: Peers, record: asyncpg.Record) -> None:
-    """The payout failed or came back: its spend is given back to the
-    budgets (and the period) it was counted in. A budget that cannot take it
-    back is logged loudly, never holds the money up."""
-    if record["kind"] != "WITHDRAWAL" or record["reservation_id"] is None:
-        return
+async def give_budget_back(pool: asyncpg.Pool, peers: Peers, transfer_id: uuid.UUID) -> bool:
+    """A payout that failed or came back gives its spend back to the budgets
+    (and the period) it was counted in, once (the refund's reference is the
+    transfer's). Outside the settlement's transaction, so a budget that does
+    not answer never holds the bank's webhook up: what is not given back now
+    is given back by the relay's sweep. True when nothing is owed any more."""
+    async with pool.acquire() as conn:
+        record = await _fetch_transfer(conn, transfer_id)
+    assert record is not None
+    if record["budget_given_back_at"] is not None or record["reservation_id"] is None:
+        return True
     try:
         await peers.refund_spend(
             str(record["reservation_id"]), record["amount"], record["currency"],
             f"withdrawal-back:{record['transfer_id']}",
         )  # fmt: skip
-    except MonetaError as exc:
-        # Budget unavailable, or the reservation never committed: the money
-        # is back either way, and the settlement must not wait on a budget.
+    except FailedPrecondition as exc:
+        # Never committed (its commit failed and was logged then): nothing to
+        # give back.
         handlers.BUDGET_FOLLOW_UPS.labels("refund").inc()
-        log.error("withdrawal_budget_refund_failed", transfer_id=str(record["transfer_id"]),
+        log.error("withdrawal_budget_refund_refused", transfer_id=str(transfer_id),
                   reason=exc.reason)  # fmt: skip
+    except MonetaError as exc:
+        log.warning("withdrawal_budget_refund_deferred", transfer_id=str(transfer_id),
+                    reason=exc.reason)  # fmt: skip
+        return False
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE bank_transfers SET budget_given_back_at = now() WHERE transfer_id = $1",
+            transfer_id,
+        )
+    return True
+
+
+async def give_owed_budgets_back(pool: asyncpg.Pool, peers: Peers) -> int:
+    """The sweep's share: every failed or returned payout whose spend the
+    budget has not taken back yet. Returns how many it gave back."""
+    async with pool.acquire() as conn:
+        owed = await conn.fetch(
+            """
+            SELECT transfer_id FROM bank_transfers
+             WHERE kind = 'WITHDRAWAL' AND status IN ('FAILED', 'REVERSED')
+               AND reservation_id IS NOT NULL AND budget_given_back_at IS NULL
+             ORDER BY updated_at LIMIT 100
+            """
+        )
+    done = 0
+    for row in owed:
+        done += await give_budget_back(pool, peers, row["transfer_id"])
+    return done
 
 
 async def _record_pending(pool: asyncpg.Pool, record: asyncpg.Record, account_last4: str) -> None:
@@ -930,11 +970,9 @@ async def apply_bank_settlement(
         elif action == Action.VOID:
             new_status = await _void_hold(conn, peers, record)
             money_arrived = record["kind"] == "WITHDRAWAL"
-            await _refund_withdrawal(peers, record)
         elif record["kind"] == "WITHDRAWAL":
             new_status = await _reverse_withdrawal(conn, peers, record)
             money_arrived = True
-            await _refund_withdrawal(peers, record)
         else:
             new_status = await _reverse_deposit(pool, conn, peers, record)
         await conn.execute(
@@ -950,6 +988,8 @@ async def apply_bank_settlement(
         )
     log.info("bank_settlement_applied", transfer_id=str(transfer_id), reported=cmd.status,
              status=new_status)  # fmt: skip
+    if money_arrived and record["kind"] == "WITHDRAWAL":
+        await give_budget_back(pool, peers, transfer_id)
     if money_arrived:
         await _repay_quietly(pool, peers, record["wallet_id"], record["currency"])
     return SettlementOutcome(transfer_id, new_status)
@@ -1456,6 +1496,7 @@ async def bank_request_relay(
                     if loop.time() - last_sweep >= sweep_seconds:
                         last_sweep = loop.time()
                         await reconcile_stale_bank_transfers(pool, ledger)
+                        await give_owed_budgets_back(pool, ledger)
                         await repay_outstanding_debts(pool, ledger)
                 except (
                     MonetaError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError

@@ -903,6 +903,48 @@ async def test_the_reconciler_leaves_alone_a_withdrawal_an_attempt_is_at_work_on
     assert await budget_of(http, mesh, alice) == ("0.00", "40.00")
 
 
+class BudgetDown(Peers):
+    """Peers whose budget service does not answer refunds."""
+
+    async def refund_spend(
+        self, reservation_id: str, amount: int, currency: str, reference: str
+    ) -> None:
+        raise Unavailable("the budget service is down", reason="DEPENDENCY_UNAVAILABLE")
+
+
+async def test_a_failed_payout_while_the_budget_is_down_is_settled_and_its_budget_given_back_later(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: wallet_pb2_grpc.WalletServiceStub,
+    wallet_db: asyncpg.Pool,
+    peers: Peers,
+) -> None:
+    alice = await budgeted_person(wallet_stub, http, mesh, "100.00", "CASH_OUT", "50")
+    account = await link_account(http, mesh, alice)
+    payout = await bank_transfer(http, mesh, alice, "withdraw", account, "40.00", "out")
+    transfer_id = payout.json()["transfer_id"]
+    down = BudgetDown(
+        mesh.grpc_addrs["ledger"], mesh.grpc_addrs["budget"], mesh.grpc_addrs["fraud"], 5.0,
+        peers.cache,
+    )  # fmt: skip
+    try:
+        failed = await banking.apply_bank_settlement(
+            wallet_db, down, banking.SettlementCommand(transfer_id, "FAILED", "TEST-down")
+        )
+    finally:
+        await down.close()
+    still_spent = await budget_of(http, mesh, alice)
+
+    given_back = await banking.give_owed_budgets_back(wallet_db, peers)
+    nothing_left = await banking.give_owed_budgets_back(wallet_db, peers)
+
+    assert failed.status == "FAILED"
+    assert (await usd(http, mesh, alice))["available"] == "100.00"
+    assert still_spent == ("40.00", "0.00")
+    assert given_back >= 1 and nothing_left == 0
+    assert await budget_of(http, mesh, alice) == ("0.00", "0.00")
+
+
 async def test_a_blocked_user_cannot_withdraw_and_nothing_is_held(
     mesh: Mesh, http: httpx.AsyncClient, wallet_stub: wallet_pb2_grpc.WalletServiceStub
 ) -> None:
