@@ -176,14 +176,24 @@ async def timed_call(call: Awaitable[Any]) -> float | None:
 
 async def open_loop(one: Call, rate: int, seconds: float) -> dict[str, Any]:
     """Starts ``one()`` every 1/rate s for ``seconds`` (open loop: a slow
-    answer does not slow the arrivals down) and measures each."""
+    answer does not slow the arrivals down) and measures each from its due
+    time, not from when the client got round to sending it: a client that
+    falls behind (its event loop busy, its process waiting for a core) shows
+    as latency instead of hiding it (coordinated omission)."""
+
+    async def due_at(due: float) -> float | None:
+        if await one() is None:
+            return None
+        return (time.perf_counter() - due) * 1000
+
     tasks = []
     started = time.perf_counter()
     for i in range(int(rate * seconds)):
-        delay = started + i / rate - time.perf_counter()
+        due = started + i / rate
+        delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one()))
+        tasks.append(asyncio.create_task(due_at(due)))
     answers = await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - started
     latencies = [a for a in answers if a is not None]
