@@ -13,6 +13,11 @@ SERVICES := ledger wallet budget fraud gateway
 PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Tests and benchmarks start services with fork+exec from processes that use
+# gRPC; gRPC's fork handlers then restart its poller in the child, which
+# aborts (epoll EBADF) once the child closes its inherited descriptors
+# (grpc/grpc#43055). Nothing here forks to keep using gRPC in the child.
+export GRPC_ENABLE_FORK_SUPPORT ?= false
 
 .PHONY: help
 help: ## List the targets.

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+
+# Before anything imports gRPC: see GRPC_ENABLE_FORK_SUPPORT in the Makefile.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
