@@ -263,9 +263,13 @@ async def reserve(
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != "reservations_pkey":
             raise
-        raise AlreadyExists(
-            "this reservation id is another reference's", reason="RESERVATION_ID_TAKEN"
-        ) from None
+    # The chosen id exists: a twin of this request (same reference, same id)
+    # that got there first, or another reference's.
+    async with writer.pool.acquire() as conn:
+        twin = await store.fetch_reservation(conn, reference=cmd.reference)
+    if twin is not None and twin["reservation_id"] == new.reservation_id:
+        return _same_reservation(twin, user_id, cmd)
+    raise AlreadyExists("this reservation id is another reference's", reason="RESERVATION_ID_TAKEN")
 
 
 async def _reserve(

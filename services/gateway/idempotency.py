@@ -61,12 +61,9 @@ class KeyInUse(Aborted):
         self.retry_after = 1
 
 
-# Fields left out of a fingerprint, by request type: secrets that must not be
-# kept, even hashed.
-_SECRET_FIELDS = {
-    "moneta.wallet.v1.PayMerchantRequest": ("pin",),
-    "moneta.wallet.v1.WithdrawRequest": ("pin",),
-}
+# Fields left out of a fingerprint, in any request that has them: secrets
+# that must not be kept, even hashed.
+_SECRET_FIELDS = ("pin", "current_pin")
 
 
 def fingerprint(request: Message) -> str:
@@ -75,7 +72,8 @@ def fingerprint(request: Message) -> str:
     "10.00" are the same amount, and AddFunds is not Withdraw. A PIN is not
     part of it: it would be kept, hashed, beside the answer, where a 4 to 6
     digit secret is quickly guessed from its hash."""
-    secrets_in_it = _SECRET_FIELDS.get(request.DESCRIPTOR.full_name, ())
+    fields = request.DESCRIPTOR.fields_by_name
+    secrets_in_it = [name for name in _SECRET_FIELDS if name in fields]
     if secrets_in_it:
         without = type(request)()
         without.CopyFrom(request)

@@ -55,11 +55,13 @@ from services.common.db import DbConn
 from services.common.errors import (
     Aborted,
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
     MonetaError,
     NotFound,
+    Unavailable,
 )
 from services.common.ids import parse_uuid
 from services.common.money import require_positive, to_major_units, validate_currency
@@ -375,8 +377,15 @@ async def _lease(pool: asyncpg.Pool, record: asyncpg.Record) -> asyncpg.Record:
     )
 
 
-async def _refuse(conn: DbConn, transfer_id: uuid.UUID, refusal: MonetaError) -> None:
-    await conn.execute(
+def _reservation_of(record: asyncpg.Record) -> str:
+    """A withdrawal's budget reservation: recorded, or as the wallet names it."""
+    return str(record["reservation_id"] or handlers.reservation_id_for(record["transfer_id"]))
+
+
+async def _refuse(conn: DbConn, transfer_id: uuid.UUID, refusal: MonetaError) -> bool:
+    """Refuses a transfer still PROCESSING; False when it was not (another
+    attempt finished it meanwhile)."""
+    status = await conn.execute(
         """
         UPDATE bank_transfers SET status = 'REFUSED', failure_reason = $2, failure_message = $3,
                                   updated_at = now()
@@ -386,6 +395,7 @@ async def _refuse(conn: DbConn, transfer_id: uuid.UUID, refusal: MonetaError) ->
         refusal.reason,
         refusal.message,
     )
+    return bool(status == "UPDATE 1")
 
 
 # ================================================================ platform accounts
@@ -604,20 +614,17 @@ async def _request_bank_transfer(
                 await _finish_hold(pool, peers, record, account["last4"])
         except BaseException as exc:
             async with pool.acquire() as conn:
-                if handlers.is_refusal(exc):
-                    # Refused before any money moved: final for this key,
-                    # and what an earlier attempt reserved is freed.
-                    await _refuse(conn, transfer_id, cast(MonetaError, exc))
-                    reserved = await conn.fetchval(
-                        "SELECT reservation_id FROM bank_transfers WHERE transfer_id = $1",
-                        transfer_id,
-                    )
-                else:
+                refused = handlers.is_refusal(exc) and await _refuse(
+                    conn, transfer_id, cast(MonetaError, exc)
+                )
+                if not refused:
                     # Outcome unknown: the next attempt, or the reconciler,
                     # asks the ledger whether the hold was placed.
                     await _release_lease(conn, transfer_id)
-            if handlers.is_refusal(exc) and reserved is not None:
-                await handlers.release_quietly(peers, str(reserved))
+            if refused:
+                # Refused before any money moved: final for this key, and
+                # what this or an earlier attempt reserved is freed.
+                await handlers.release_quietly(peers, _reservation_of(record))
             raise
         async with pool.acquire() as conn:
             record = await _fetch_transfer(conn, transfer_id)
@@ -737,6 +744,7 @@ async def _reserve_withdrawal(pool: asyncpg.Pool, peers: Peers, record: asyncpg.
     reservation = await peers.reserve(
         record["user_id"], record["amount"], record["currency"], CASH_OUT_CATEGORY,
         str(record["transfer_id"]), ttl_seconds=WITHDRAWAL_RESERVATION_TTL_SECONDS,
+        reservation_id=handlers.reservation_id_for(record["transfer_id"]),
     )  # fmt: skip
     if reservation.status not in (
         budget_pb2.RESERVATION_STATUS_RESERVED,
@@ -772,16 +780,16 @@ async def give_budget_back(pool: asyncpg.Pool, peers: Peers, transfer_id: uuid.U
             str(record["reservation_id"]), record["amount"], record["currency"],
             f"withdrawal-back:{record['transfer_id']}",
         )  # fmt: skip
-    except FailedPrecondition as exc:
-        # Never committed (its commit failed and was logged then): nothing to
-        # give back.
-        handlers.BUDGET_FOLLOW_UPS.labels("refund").inc()
-        log.error("withdrawal_budget_refund_refused", transfer_id=str(transfer_id),
-                  reason=exc.reason)  # fmt: skip
-    except MonetaError as exc:
+    except (Unavailable, DeadlineExceeded) as exc:
         log.warning("withdrawal_budget_refund_deferred", transfer_id=str(transfer_id),
                     reason=exc.reason)  # fmt: skip
         return False
+    except MonetaError as exc:
+        # Refused for good (never committed: its commit failed and was logged
+        # then; or not found): nothing to give back, and no retry changes it.
+        handlers.BUDGET_FOLLOW_UPS.labels("refund").inc()
+        log.error("withdrawal_budget_refund_failed", transfer_id=str(transfer_id),
+                  reason=exc.reason)  # fmt: skip
     async with pool.acquire() as conn:
         await conn.execute(
             "UPDATE bank_transfers SET budget_given_back_at = now() WHERE transfer_id = $1",
@@ -804,7 +812,9 @@ async def give_owed_budgets_back(pool: asyncpg.Pool, peers: Peers) -> int:
         )
     done = 0
     for row in owed:
-        done += await give_budget_back(pool, peers, row["transfer_id"])
+        if not await give_budget_back(pool, peers, row["transfer_id"]):
+            break  # the budget does not answer: the next sweep goes on
+        done += 1
     return done
 
 
@@ -887,13 +897,13 @@ async def reconcile_stale_bank_transfers(
                 outcome = "PENDING"
             else:
                 async with pool.acquire() as conn:
-                    await _refuse(
+                    refused = await _refuse(
                         conn, transfer_id,
                         Aborted("the request did not complete; nothing moved",
                                 reason="REQUEST_ABANDONED"),
                     )  # fmt: skip
-                if record["reservation_id"] is not None:
-                    await handlers.release_quietly(peers, str(record["reservation_id"]))
+                if refused:
+                    await handlers.release_quietly(peers, _reservation_of(record))
                 outcome = "REFUSED"
         except (MonetaError, OSError, asyncpg.PostgresError) as exc:
             log.warning("bank_transfer_reconcile_failed", transfer_id=str(transfer_id),

@@ -552,7 +552,8 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
         return await step.drive(resumed=not fresh)
     except BaseException as exc:
         async with pool.acquire() as conn:
-            if handlers.is_refusal(exc) and not step.moved:
+            refused_early = handlers.is_refusal(exc) and not step.moved
+            if refused_early:
                 # Refused before any money moved: final for this key (a
                 # retry replays it), and a QR code becomes payable again.
                 refused = cast(MonetaError, exc)
@@ -561,6 +562,9 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                 # Outcome unknown: the next attempt, or the reconciler, asks
                 # the ledger whether the money moved.
                 await store.release_lease(conn, pid)
+        if refused_early and not fresh:
+            # What an earlier attempt reserved is freed now, not at its ttl.
+            await handlers.release_quietly(peers, handlers.payment_reservation(payment))
         raise
 
 
@@ -755,7 +759,7 @@ async def reconcile_stale_merchant_payments(
             payer_account = (await store.wallet_accounts(conn, wallet["wallet_id"])).get(
                 payment["currency"]
             )
-        reservation_id = str(payment["reservation_id"]) if payment["reservation_id"] else None
+        reservation_id = handlers.payment_reservation(payment)
         try:
             if payer_account is not None and await peers.lookup_transfer(pid) is not None:
                 await commit_spend(

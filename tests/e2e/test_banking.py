@@ -29,6 +29,7 @@ import asyncpg
 import httpx
 import pytest
 
+from moneta.budget.v1 import budget_pb2
 from moneta.fraud.v1 import fraud_pb2
 from moneta.wallet.v1 import wallet_pb2_grpc
 from services.common.db import create_pool
@@ -903,6 +904,33 @@ async def test_the_reconciler_leaves_alone_a_withdrawal_an_attempt_is_at_work_on
     assert await budget_of(http, mesh, alice) == ("0.00", "40.00")
 
 
+class ReserveAnswerLost(Peers):
+    """Peers whose budget makes every reservation but whose answer is lost."""
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> budget_pb2.Reservation:
+        await super().reserve(*args, **kwargs)
+        raise Unavailable("the budget's answer was lost", reason="DEPENDENCY_UNAVAILABLE")
+
+
+async def test_a_withdrawal_whose_reservation_answer_was_lost_frees_it(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: wallet_pb2_grpc.WalletServiceStub,
+    wallet_db: asyncpg.Pool,
+    peers: Peers,
+) -> None:
+    # Nothing recorded the reservation: the wallet named it, so it is freed.
+    alice, _ = await interrupted_withdrawal(
+        http, mesh, wallet_stub, wallet_db, ReserveAnswerLost, peers
+    )
+    reserved = await budget_of(http, mesh, alice)
+
+    await banking.reconcile_stale_bank_transfers(wallet_db, peers, older_than_seconds=0)
+
+    assert reserved == ("0.00", "40.00")
+    assert await budget_of(http, mesh, alice) == ("0.00", "0.00")
+
+
 class BudgetDown(Peers):
     """Peers whose budget service does not answer refunds."""
 
@@ -942,6 +970,10 @@ async def test_a_failed_payout_while_the_budget_is_down_is_settled_and_its_budge
     assert (await usd(http, mesh, alice))["available"] == "100.00"
     assert still_spent == ("40.00", "0.00")
     assert given_back >= 1 and nothing_left == 0
+    assert await wallet_db.fetchval(
+        "SELECT budget_given_back_at IS NOT NULL FROM bank_transfers WHERE transfer_id = $1",
+        uuid.UUID(transfer_id),
+    )
     assert await budget_of(http, mesh, alice) == ("0.00", "0.00")
 
 

@@ -428,6 +428,26 @@ async def test_an_abandoned_payment_that_never_moved_money_frees_its_budget(
     assert (await balances_of(http, mesh, payer))["USD"] == "50.00"
 
 
+async def test_a_payment_in_its_own_category_whose_answer_was_lost_is_completed(
+    mesh: Mesh, http: httpx.AsyncClient, wallet_stub: Stub, in_process: InProcess
+) -> None:
+    payer = await budgeted_person(wallet_stub, http, mesh, "50.00", "MEALS", "30")
+    friend = await create_person(wallet_stub, http, mesh, "0")
+    cmd = handlers.TransferCommand(
+        payer.user_id, ("user_id", friend.user_id), 1200, "USD", "lunch", category="MEALS"
+    )
+    with pytest.raises(Unavailable):
+        await handlers.transfer(in_process.pool, in_process.lossy, cmd)
+
+    await handlers.reconcile_stale_payments(in_process.pool, in_process.peers, 0.0)
+
+    replay = await handlers.transfer(in_process.pool, in_process.peers, cmd)
+    assert replay.status == "COMPLETED"
+    budget = (await budgets_of(http, mesh, payer))[0]
+    assert (budget["used_amount"], budget["reserved_amount"]) == ("12.00", "0.00")
+    assert (await balances_of(http, mesh, payer))["USD"] == "38.00"
+
+
 async def budgets_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> list[dict[str, str]]:
     response = await http.get(
         f"/api/v1/budgets/{person.user_id}", headers=mesh.auth(person.user_id)

@@ -327,6 +327,24 @@ async def test_a_reservation_takes_the_id_its_caller_chose_once(
     assert (await held(budget_pool, budget_id))[1] > 0
 
 
+@pytest.mark.parametrize("budgeted", [True, False])
+async def test_concurrent_twins_with_a_chosen_id_get_one_reservation(
+    budget_pool: asyncpg.Pool, user_id: str, budgeted: bool
+) -> None:
+    # Twins (a retry while the first call still runs, two replicas): one
+    # reservation, and both get it, never RESERVATION_ID_TAKEN.
+    if budgeted:
+        await create_budget(budget_pool, user_id)
+    for i in range(20):
+        chosen, reference = str(uuid.uuid4()), f"twin-{i}-{user_id}"
+        answers = await asyncio.gather(
+            *(reserve(budget_pool, user_id, 100, reference=reference, reservation_id=chosen)
+              for _ in range(2))
+        )  # fmt: skip
+        assert answers == [chosen, chosen]
+    assert await count_reservations(budget_pool, user_id) == 20
+
+
 async def test_reserving_the_same_reference_twice_holds_the_budget_once(
     budget_pool: asyncpg.Pool, user_id: str
 ) -> None:
