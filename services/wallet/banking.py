@@ -377,11 +377,6 @@ async def _lease(pool: asyncpg.Pool, record: asyncpg.Record) -> asyncpg.Record:
     )
 
 
-def _reservation_of(record: asyncpg.Record) -> str:
-    """A withdrawal's budget reservation: recorded, or as the wallet names it."""
-    return str(record["reservation_id"] or handlers.reservation_id_for(record["transfer_id"]))
-
-
 async def _refuse(conn: DbConn, transfer_id: uuid.UUID, refusal: MonetaError) -> bool:
     """Refuses a transfer still PROCESSING; False when it was not (another
     attempt finished it meanwhile)."""
@@ -624,7 +619,9 @@ async def _request_bank_transfer(
             if refused:
                 # Refused before any money moved: final for this key, and
                 # what this or an earlier attempt reserved is freed.
-                await handlers.release_quietly(peers, _reservation_of(record))
+                await handlers.release_quietly(
+                    peers, handlers.reservation_of(record["reservation_id"], record["transfer_id"])
+                )
             raise
         async with pool.acquire() as conn:
             record = await _fetch_transfer(conn, transfer_id)
@@ -676,7 +673,7 @@ async def _place_hold(
             ),
             cmd.pin,
         )
-        reservation_id = await _reserve_withdrawal(pool, peers, record)
+        reservation_id = await _reserve_withdrawal(peers, record)
     else:
         if status == WalletStatus.CLOSED:
             raise FailedPrecondition("the wallet is closed", reason="WALLET_CLOSED")
@@ -716,17 +713,16 @@ async def _finish_hold(
     the bank fails or returns the payout), then the transfer is PENDING. A
     repeat changes nothing."""
     if record["kind"] == "WITHDRAWAL":
-        if reservation_id is None and record["reservation_id"] is not None:
-            reservation_id = str(record["reservation_id"])
         async with pool.acquire() as conn:
             wallet = await store.fetch_wallet(conn, user_id=record["user_id"])
         assert wallet is not None  # a withdrawal's wallet is never deleted
         committed = await handlers.commit_spend(
-            peers, record["transfer_id"], reservation_id, wallet, record["amount"],
-            record["currency"], CASH_OUT_CATEGORY,
+            peers, record["transfer_id"],
+            reservation_id or handlers.reservation_of(record["reservation_id"], record["transfer_id"]),
+            wallet, record["amount"], record["currency"], CASH_OUT_CATEGORY,
         )  # fmt: skip
-        if committed is not None and reservation_id is None:
-            # Found by its reference: kept, so that a failed payout gives it back.
+        if committed is not None and record["reservation_id"] is None:
+            # Kept once committed, so that a failed payout gives it back.
             async with pool.acquire() as conn:
                 await conn.execute(
                     "UPDATE bank_transfers SET reservation_id = $2 WHERE transfer_id = $1",
@@ -736,11 +732,12 @@ async def _finish_hold(
     await _record_pending(pool, record, account_last4)
 
 
-async def _reserve_withdrawal(pool: asyncpg.Pool, peers: Peers, record: asyncpg.Record) -> str:
-    """Reserves a withdrawal's spend (once: its id is the reference) and
-    records the reservation on it. BUDGET_EXCEEDED refuses the payout. A
-    reservation an earlier attempt committed is its own: that attempt placed
-    the hold too."""
+async def _reserve_withdrawal(peers: Peers, record: asyncpg.Record) -> str:
+    """Reserves a withdrawal's spend (once: its id is the reference), under
+    the name ``handlers.reservation_id_for`` gives it, so that nothing needs
+    recording until the hold is placed. BUDGET_EXCEEDED refuses the payout.
+    A reservation an earlier attempt committed is its own: that attempt
+    placed the hold too."""
     reservation = await peers.reserve(
         record["user_id"], record["amount"], record["currency"], CASH_OUT_CATEGORY,
         str(record["transfer_id"]), ttl_seconds=WITHDRAWAL_RESERVATION_TTL_SECONDS,
@@ -754,12 +751,6 @@ async def _reserve_withdrawal(pool: asyncpg.Pool, peers: Peers, record: asyncpg.
         raise FailedPrecondition(
             "the withdrawal's budget reservation has lapsed; retry with a new key",
             reason="RESERVATION_LAPSED",
-        )
-    async with pool.acquire() as conn:
-        await conn.execute(
-            "UPDATE bank_transfers SET reservation_id = $2 WHERE transfer_id = $1",
-            record["transfer_id"],
-            uuid.UUID(reservation.reservation_id),
         )
     return str(reservation.reservation_id)
 
@@ -903,7 +894,10 @@ async def reconcile_stale_bank_transfers(
                                 reason="REQUEST_ABANDONED"),
                     )  # fmt: skip
                 if refused:
-                    await handlers.release_quietly(peers, _reservation_of(record))
+                    await handlers.release_quietly(
+                        peers,
+                        handlers.reservation_of(record["reservation_id"], record["transfer_id"]),
+                    )
                 outcome = "REFUSED"
         except (MonetaError, OSError, asyncpg.PostgresError) as exc:
             log.warning("bank_transfer_reconcile_failed", transfer_id=str(transfer_id),

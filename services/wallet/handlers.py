@@ -578,7 +578,7 @@ class _Payment:
         return TransferOutcome(self.pid, "PENDING_REVIEW", balance, self.currency)
 
     async def _give_up_review(self) -> None:
-        await release_quietly(self.peers, self.reservation_id or str(reservation_id_for(self.pid)))
+        await release_quietly(self.peers, reservation_of(self.reservation_id, self.pid))
         async with self.pool.acquire() as conn:
             await history.set_status(conn, self.pid, "EXPIRED")
         raise FailedPrecondition("the transfer was not confirmed in time", reason="REVIEW_EXPIRED")
@@ -716,12 +716,16 @@ def reservation_id_for(pid: uuid.UUID) -> uuid.UUID:
     return uuid.uuid5(NAMESPACE, f"reservation:{pid}")
 
 
+def reservation_of(recorded: uuid.UUID | str | None, pid: uuid.UUID) -> str:
+    """The reservation of a payment (or a withdrawal) ``pid``: the one
+    recorded for it (by a review hold, a placed payout, or the wallet before
+    it named reservations itself), or the one it named."""
+    return str(recorded or reservation_id_for(pid))
+
+
 def payment_reservation(payment: asyncpg.Record) -> str:
-    """The reservation of a recorded payment: the one recorded on it (by a
-    review hold, or by the wallet before it named reservations itself), or
-    the one it named."""
-    recorded = payment["reservation_id"]
-    return str(recorded or reservation_id_for(payment["payment_id"]))
+    """The reservation of a recorded payment."""
+    return reservation_of(payment["reservation_id"], payment["payment_id"])
 
 
 async def complete_p2p(

@@ -23,6 +23,7 @@ from moneta.ledger.v1 import ledger_pb2
 from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from services.common.errors import Unavailable
 from services.gateway.auth import TokenVerifier
+from services.wallet.balance_cache import BalanceCache
 from services.wallet.peers import Peers
 from tests.conftest import ROOT, TestRun
 from tests.processes import die_with_parent
@@ -55,6 +56,13 @@ class Mesh:
 
     def admin(self) -> dict[str, str]:
         return self.auth(str(uuid.uuid4()), "admin")
+
+    def peers(self, cache: BalanceCache, kind: type[Peers] | None = None) -> Peers:
+        """The wallet's clients of this mesh's ledger, budget and fraud, on
+        ``cache`` (the wallet's, so that what they move is seen at once);
+        ``kind``: a subclass that fails on purpose."""
+        addrs = (self.grpc_addrs["ledger"], self.grpc_addrs["budget"], self.grpc_addrs["fraud"])
+        return (kind or Peers)(*addrs, 5.0, cache)
 
 
 def _wait_ready(mesh: Mesh) -> None:
@@ -276,3 +284,13 @@ async def budgeted_person(
     )  # fmt: skip
     assert created.status_code == 201, created.text
     return person
+
+
+async def only_budget(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> dict[str, str]:
+    """The person's one budget, as the gateway shows it to them."""
+    response = await http.get(
+        f"/api/v1/budgets/{person.user_id}", headers=mesh.auth(person.user_id)
+    )
+    assert response.status_code == 200, response.text
+    [budget] = response.json()["budgets"]
+    return dict(budget)

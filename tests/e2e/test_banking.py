@@ -51,6 +51,7 @@ from tests.e2e.conftest import (
     create_person,
     fraud_case,
     free_port,
+    only_budget,
     set_pin,
 )
 from tests.processes import die_with_parent
@@ -77,10 +78,7 @@ async def peers(test_run: TestRun, mesh: Mesh) -> AsyncIterator[Peers]:
     """The wallet's clients of the mesh's ledger, budget and fraud, with the
     mesh wallet's balance cache (so that what they move is seen at once)."""
     redis = redis_client(test_run.settings.redis_url)
-    ledger = Peers(
-        mesh.grpc_addrs["ledger"], mesh.grpc_addrs["budget"], mesh.grpc_addrs["fraud"], 5.0,
-        BalanceCache(redis, test_run.redis_prefix),
-    )  # fmt: skip
+    ledger = mesh.peers(BalanceCache(redis, test_run.redis_prefix))
     yield ledger
     await ledger.close()
     await redis.aclose()
@@ -730,12 +728,7 @@ async def test_a_returned_payout_gives_the_money_back(
 
 
 async def budget_left(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> str:
-    response = await http.get(
-        f"/api/v1/budgets/{person.user_id}", headers=mesh.auth(person.user_id)
-    )
-    assert response.status_code == 200, response.text
-    [budget] = response.json()["budgets"]
-    return str(budget["remaining_amount"])
+    return (await only_budget(http, mesh, person))["remaining_amount"]
 
 
 async def test_a_withdrawal_is_budgeted_and_a_failed_or_returned_one_gives_the_budget_back(
@@ -773,10 +766,7 @@ async def test_a_withdrawal_is_budgeted_and_a_failed_or_returned_one_gives_the_b
 
 async def budget_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> tuple[str, str]:
     """(used, reserved) of the person's one budget."""
-    response = await http.get(
-        f"/api/v1/budgets/{person.user_id}", headers=mesh.auth(person.user_id)
-    )
-    [budget] = response.json()["budgets"]
+    budget = await only_budget(http, mesh, person)
     return budget["used_amount"], budget["reserved_amount"]
 
 
@@ -793,8 +783,7 @@ async def interrupted_withdrawal(
     alice = await budgeted_person(wallet_stub, http, mesh, "100.00", "CASH_OUT", "50")
     account = await link_account(http, mesh, alice)
     cmd = banking.BankTransferCommand(alice.user_id, 4000, "USD", account, "interrupted")
-    addrs = (mesh.grpc_addrs["ledger"], mesh.grpc_addrs["budget"], mesh.grpc_addrs["fraud"])
-    failing = broken(*addrs, 5.0, peers.cache)
+    failing = mesh.peers(peers.cache, broken)
     try:
         with pytest.raises(Unavailable):
             await banking.withdraw(wallet_db, failing, cmd)
@@ -845,10 +834,8 @@ async def test_a_withdrawal_that_never_reached_the_ledger_is_refused_and_frees_i
     if reservation == "lapsed":
         # As its ttl would, while the services were down: the reconciler
         # must still finish the transfer (and the ones after it).
-        held = await wallet_db.fetchval(
-            "SELECT reservation_id FROM bank_transfers WHERE user_id = $1", uuid.UUID(alice.user_id)
-        )
-        await peers.release(str(held))
+        transfer_id = banking.bank_transfer_id(uuid.UUID(alice.user_id), cmd.idempotency_key)
+        await peers.release(str(handlers.reservation_id_for(transfer_id)))
 
     await banking.reconcile_stale_bank_transfers(wallet_db, peers, older_than_seconds=0)
 
@@ -951,10 +938,7 @@ async def test_a_failed_payout_while_the_budget_is_down_is_settled_and_its_budge
     account = await link_account(http, mesh, alice)
     payout = await bank_transfer(http, mesh, alice, "withdraw", account, "40.00", "out")
     transfer_id = payout.json()["transfer_id"]
-    down = BudgetDown(
-        mesh.grpc_addrs["ledger"], mesh.grpc_addrs["budget"], mesh.grpc_addrs["fraud"], 5.0,
-        peers.cache,
-    )  # fmt: skip
+    down = mesh.peers(peers.cache, BudgetDown)
     try:
         failed = await banking.apply_bank_settlement(
             wallet_db, down, banking.SettlementCommand(transfer_id, "FAILED", "TEST-down")

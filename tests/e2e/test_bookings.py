@@ -35,10 +35,7 @@ async def wallet_db(test_run: TestRun, mesh: Mesh) -> AsyncIterator[asyncpg.Pool
 async def peers(mesh: Mesh, test_run: TestRun) -> AsyncIterator[Peers]:
     """Peers as the wallet process has them: the same balance cache."""
     redis = redis_client(test_run.settings.redis_url)
-    peers = Peers(
-        mesh.grpc_addrs["ledger"], mesh.grpc_addrs["budget"], mesh.grpc_addrs["fraud"], 5.0,
-        BalanceCache(redis, test_run.redis_prefix),
-    )  # fmt: skip
+    peers = mesh.peers(BalanceCache(redis, test_run.redis_prefix))
     yield peers
     await peers.close()
     await redis.aclose()

@@ -42,6 +42,7 @@ from tests.e2e.conftest import (
     budgeted_person,
     create_person,
     fraud_case,
+    only_budget,
     set_pin,
 )
 
@@ -73,9 +74,11 @@ async def in_process(test_run: TestRun, mesh: Mesh) -> AsyncIterator[InProcess]:
     pool = await create_pool(test_run.database_url("wallet"))
     redis = redis_client(test_run.settings.redis_url)
     cache = BalanceCache(redis, test_run.redis_prefix)
-    addrs = (mesh.grpc_addrs["ledger"], mesh.grpc_addrs["budget"], mesh.grpc_addrs["fraud"])
-    peers, lossy = Peers(*addrs, 5.0, cache), AnswerLost(*addrs, 5.0, cache)
-    down = LedgerDown(*addrs, 5.0, cache)
+    peers, lossy, down = (
+        mesh.peers(cache),
+        mesh.peers(cache, AnswerLost),
+        mesh.peers(cache, LedgerDown),
+    )
     yield InProcess(pool, peers, lossy, down)
     for each in (peers, lossy, down):
         await each.close()
@@ -412,14 +415,14 @@ async def test_an_abandoned_payment_that_never_moved_money_frees_its_budget(
     cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 2000, "USD", "cut")
     with pytest.raises(Unavailable):
         await handlers.transfer(in_process.pool, in_process.down, cmd)
-    reserved = (await budgets_of(http, mesh, payer))[0]["reserved_amount"]
+    reserved = (await only_budget(http, mesh, payer))["reserved_amount"]
     recorded = await in_process.pool.fetchval(
         "SELECT reservation_id FROM payments WHERE sender_user_id = $1", uuid.UUID(payer.user_id)
     )
 
     await handlers.reconcile_stale_payments(in_process.pool, in_process.peers, 0.0)
 
-    budget = (await budgets_of(http, mesh, payer))[0]
+    budget = await only_budget(http, mesh, payer)
     assert reserved == "20.00" and recorded is None  # nothing recorded: a crash loses nothing
     assert (budget["reserved_amount"], budget["used_amount"]) == ("0.00", "0.00")
     with pytest.raises(FailedPrecondition) as replay:
@@ -443,17 +446,9 @@ async def test_a_payment_in_its_own_category_whose_answer_was_lost_is_completed(
 
     replay = await handlers.transfer(in_process.pool, in_process.peers, cmd)
     assert replay.status == "COMPLETED"
-    budget = (await budgets_of(http, mesh, payer))[0]
+    budget = await only_budget(http, mesh, payer)
     assert (budget["used_amount"], budget["reserved_amount"]) == ("12.00", "0.00")
     assert (await balances_of(http, mesh, payer))["USD"] == "38.00"
-
-
-async def budgets_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> list[dict[str, str]]:
-    response = await http.get(
-        f"/api/v1/budgets/{person.user_id}", headers=mesh.auth(person.user_id)
-    )
-    assert response.status_code == 200, response.text
-    return list(response.json()["budgets"])
 
 
 async def test_a_payment_flagged_for_review_goes_ahead_only_with_the_payers_pin(
