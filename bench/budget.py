@@ -37,6 +37,7 @@ from moneta.common.v1.money_pb2 import Money
 PREFIX = "moneta_bench_budget_"
 TARGET_RATE = 500
 TARGET_P99_MS = 5.0
+WARM_UP_SECONDS = 3.0
 
 
 async def create_budgets(stub: budget_pb2_grpc.BudgetServiceStub, users: list[str]) -> None:
@@ -160,6 +161,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
 
             for name, users in (("one_hot_budget", hot), ("10k_budgets", cold)):
+                # Not measured: what only load starts (the pool's connections,
+                # their prepared statements and plans, the first batches).
+                await open_loop(pairs(stub, users, 4), args.rate, WARM_UP_SECONDS)
                 runs = [
                     await metered(
                         open_loop(pairs(stub, users, 5), args.rate, args.seconds),

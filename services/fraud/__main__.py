@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,20 +18,6 @@ from services.fraud.store import VelocityStore
 from services.fraud.training import train_command
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-
-# Every Score leaves a reference cycle behind (grpc's method lookup), so the
-# young generation fills at a steady pace (about ten objects a Score) and a
-# collection's pause grows with its size: at the runner's 20,000 one took
-# 4-18 ms every 4 s at 500 Scores/s, at 2,000 about 0.5 ms ten times as
-# often, for the same collector CPU in all. Full collections stay as rare as
-# before (every 20 x 200 young ones).
-YOUNG_GENERATION = (2_000, 20, 200)
-
-
-async def collect_young_often() -> None:
-    """Runs once the runner has settled the collector (after start-up):
-    short young collections instead of long ones, for Score's tail."""
-    gc.set_threshold(*YOUNG_GENERATION)
 
 
 @asynccontextmanager
@@ -71,7 +56,7 @@ async def start(settings: FraudSettings) -> AsyncIterator[GrpcService]:
             # Not Redis: without it the service still scores, degraded.
             dependencies={"postgres": pool_check(pool)},
             metrics_port=settings.fraud_metrics_port,
-            background=[collect_young_often, keep_fresh, expire_reviews],
+            background=[keep_fresh, expire_reviews],
         )
     finally:
         await velocity.close()
