@@ -71,6 +71,22 @@ class Aborted(MonetaError):
     default_reason = "ABORTED"
 
 
+class AttemptExpired(Aborted):
+    """An attempt outlived its lease (a stall: a paused process, a long GC
+    pause) and stopped before moving money; the same key, retried, is safe."""
+
+    default_reason = "ATTEMPT_EXPIRED"
+
+    def __init__(
+        self,
+        message: str = "this attempt took too long and moved nothing; retry with the same key",
+        *,
+        reason: str | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, details=details)
+
+
 class ResourceExhausted(MonetaError):
     status_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RATE_LIMITED"

@@ -55,6 +55,7 @@ from services.common.db import DbConn
 from services.common.errors import (
     Aborted,
     AlreadyExists,
+    AttemptExpired,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -67,7 +68,7 @@ from services.common.ids import parse_uuid
 from services.common.money import require_positive, to_major_units, validate_currency
 
 # The module, not its names: handlers may import this module in turn.
-from services.wallet import handlers, history, store
+from services.wallet import handlers, history, leases, store
 from services.wallet.config import WalletSettings
 from services.wallet.domain import (
     NAMESPACE,
@@ -338,10 +339,14 @@ async def _fetch_transfer(
     )
 
 
-async def _take_lease(conn: DbConn, transfer_id: uuid.UUID) -> asyncpg.Record | None:
-    """Leases a PROCESSING transfer to this attempt: the transfer, or None
-    while another attempt holds it (or once it is no longer PROCESSING)."""
-    return await conn.fetchrow(
+async def _take_lease(
+    conn: DbConn, transfer_id: uuid.UUID
+) -> tuple[asyncpg.Record, leases.Lease] | None:
+    """Leases a PROCESSING transfer to this attempt: the transfer and the
+    lease, or None while another attempt holds it (or once it is no longer
+    PROCESSING)."""
+    seconds, started = handlers.LEASE_SECONDS, leases.clock()
+    record = await conn.fetchrow(
         f"""
         UPDATE bank_transfers SET lease_until = now() + make_interval(secs => $2),
                                   updated_at = now()
@@ -350,20 +355,29 @@ async def _take_lease(conn: DbConn, transfer_id: uuid.UUID) -> asyncpg.Record | 
         RETURNING {_TRANSFER_COLUMNS}
         """,
         transfer_id,
-        handlers.LEASE_SECONDS,
+        seconds,
     )
+    if record is None:
+        return None
+    return record, leases.Lease(record["lease_until"], started, seconds)
 
 
-async def _release_lease(conn: DbConn, transfer_id: uuid.UUID) -> None:
+async def _release_lease(conn: DbConn, transfer_id: uuid.UUID, lease: leases.Lease) -> None:
+    """Gives the lease up, if it is still this attempt's."""
     await conn.execute(
-        "UPDATE bank_transfers SET lease_until = NULL WHERE transfer_id = $1", transfer_id
+        "UPDATE bank_transfers SET lease_until = NULL WHERE transfer_id = $1 AND lease_until = $2",
+        transfer_id,
+        lease.until,
     )
 
 
-async def _lease(pool: asyncpg.Pool, record: asyncpg.Record) -> asyncpg.Record:
+async def _lease(
+    pool: asyncpg.Pool, record: asyncpg.Record
+) -> tuple[asyncpg.Record, leases.Lease | None]:
     """A later attempt at a PROCESSING transfer: leased to it (the transfer
-    as it is then), or as another attempt left it a moment ago; refused,
-    REQUEST_IN_PROGRESS, while another attempt is at work on it."""
+    as it is then, and the lease), or as another attempt left it a moment
+    ago (no lease); refused, REQUEST_IN_PROGRESS, while another attempt is
+    at work on it."""
     async with pool.acquire() as conn:
         leased = await _take_lease(conn, record["transfer_id"])
         if leased is not None:
@@ -371,7 +385,7 @@ async def _lease(pool: asyncpg.Pool, record: asyncpg.Record) -> asyncpg.Record:
         now = await _fetch_transfer(conn, record["transfer_id"])
     assert now is not None
     if now["status"] != "PROCESSING":
-        return now
+        return now, None
     raise Aborted(
         "the same request is still in progress; retry shortly", reason="REQUEST_IN_PROGRESS"
     )
@@ -563,13 +577,15 @@ async def _request_bank_transfer(
         fingerprint = request_hash(
             kind=kind, amount=cmd.amount, currency=currency, bank_account_id=bank_account
         )
-        inserted = await conn.execute(
+        started = leases.clock()
+        claimed = await conn.fetchval(
             f"""
             INSERT INTO bank_transfers ({_TRANSFER_COLUMNS})
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING', $10,
                     NULL, NULL, NULL, NULL, now(), now(), NULL,
                     now() + make_interval(secs => $11), NULL)
             ON CONFLICT DO NOTHING
+            RETURNING lease_until
             """,
             transfer_id,
             kind,
@@ -595,18 +611,23 @@ async def _request_bank_transfer(
             "this idempotency key was used for a different request",
             reason="IDEMPOTENCY_KEY_REUSED",
         )
-    fresh = inserted == "INSERT 0 1"
+    fresh = claimed is not None
+    lease = leases.Lease(claimed, started, handlers.LEASE_SECONDS) if fresh else None
     if record["status"] == "PROCESSING" and not fresh:
-        record = await _lease(pool, record)
+        record, lease = await _lease(pool, record)
     if record["status"] == "REFUSED":
         raise handlers.refusal(record["failure_reason"], record["failure_message"])
     if record["status"] == "PROCESSING":
+        assert lease is not None  # PROCESSING, so leased to this attempt
         try:
-            if fresh or await peers.lookup_transfer(transfer_id) is None:
-                await _place_hold(pool, peers, record, wallet, account["last4"], cmd)
-            else:
-                # An earlier attempt placed the hold and stopped: finish it.
-                await _finish_hold(pool, peers, record, account["last4"])
+            with leases.holding(lease):
+                if fresh or await peers.lookup_transfer(transfer_id) is None:
+                    await _place_hold(pool, peers, record, wallet, account["last4"], cmd)
+                else:
+                    # An earlier attempt placed the hold and stopped: finish it.
+                    await _finish_hold(pool, peers, record, account["last4"])
+        except AttemptExpired:
+            raise  # the lease may be another attempt's by now: nothing to record or release
         except BaseException as exc:
             async with pool.acquire() as conn:
                 refused = handlers.is_refusal(exc) and await _refuse(
@@ -615,7 +636,7 @@ async def _request_bank_transfer(
                 if not refused:
                     # Outcome unknown: the next attempt, or the reconciler,
                     # asks the ledger whether the hold was placed.
-                    await _release_lease(conn, transfer_id)
+                    await _release_lease(conn, transfer_id, lease)
             if refused:
                 # Refused before any money moved: final for this key, and
                 # what this or an earlier attempt reserved is freed.
@@ -879,9 +900,10 @@ async def reconcile_stale_bank_transfers(
     for row in stale:
         transfer_id = row["transfer_id"]
         async with pool.acquire() as conn:
-            record = await _take_lease(conn, transfer_id)
-        if record is None:
+            leased = await _take_lease(conn, transfer_id)
+        if leased is None:
             continue  # an attempt is at work on it, or it moved on
+        record, lease = leased
         try:
             if await peers.lookup_transfer(transfer_id) is not None:
                 await _finish_hold(pool, peers, record, row["last4"])
@@ -903,7 +925,7 @@ async def reconcile_stale_bank_transfers(
             log.warning("bank_transfer_reconcile_failed", transfer_id=str(transfer_id),
                         error=str(exc))  # fmt: skip
             async with pool.acquire() as conn:
-                await _release_lease(conn, transfer_id)
+                await _release_lease(conn, transfer_id, lease)
             continue
         finished += 1
         log.warning("bank_transfer_reconciled", transfer_id=str(transfer_id),

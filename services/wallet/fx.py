@@ -26,6 +26,7 @@ from services.common.db import DbConn
 from services.common.errors import (
     Aborted,
     AlreadyExists,
+    AttemptExpired,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -43,14 +44,14 @@ from services.common.money import (
     INT64_MAX,
     require_positive,
 )
-from services.wallet import handlers, history, store
+from services.wallet import handlers, history, leases, store
 from services.wallet.domain import (
     NAMESPACE,
     WalletStatus,
     ensure_can_send,
     validate_idempotency_key,
 )
-from services.wallet.handlers import LEASE_SECONDS, ensure_wallet_account
+from services.wallet.handlers import ensure_wallet_account
 from services.wallet.peers import Peers
 
 log = structlog.get_logger("moneta.wallet.fx")
@@ -167,23 +168,29 @@ async def _fetch_exchange(conn: DbConn, exchange_id: uuid.UUID) -> asyncpg.Recor
     )
 
 
-async def _take_lease(conn: DbConn, exchange_id: uuid.UUID) -> bool:
-    row = await conn.fetchval(
+async def _take_lease(conn: DbConn, exchange_id: uuid.UUID) -> leases.Lease | None:
+    """Leases an exchange still PROCESSING to this attempt; None while
+    another attempt holds it."""
+    seconds, started = handlers.LEASE_SECONDS, leases.clock()
+    until = await conn.fetchval(
         """
         UPDATE fx_exchanges SET lease_until = now() + make_interval(secs => $2), updated_at = now()
          WHERE exchange_id = $1 AND status = 'PROCESSING'
            AND (lease_until IS NULL OR lease_until < now())
-        RETURNING exchange_id
+        RETURNING lease_until
         """,
         exchange_id,
-        LEASE_SECONDS,
+        seconds,
     )
-    return row is not None
+    return None if until is None else leases.Lease(until, started, seconds)
 
 
-async def _release_lease(conn: DbConn, exchange_id: uuid.UUID) -> None:
+async def _release_lease(conn: DbConn, exchange_id: uuid.UUID, lease: leases.Lease) -> None:
+    """Gives the lease up, if it is still this attempt's."""
     await conn.execute(
-        "UPDATE fx_exchanges SET lease_until = NULL WHERE exchange_id = $1", exchange_id
+        "UPDATE fx_exchanges SET lease_until = NULL WHERE exchange_id = $1 AND lease_until = $2",
+        exchange_id,
+        lease.until,
     )
 
 
@@ -287,7 +294,8 @@ async def execute_exchange(
     if replayed is not None:
         return replayed
     async with pool.acquire() as conn:
-        if not await _take_lease(conn, exchange_id):
+        lease = await _take_lease(conn, exchange_id)
+        if lease is None:
             replayed = _replay(await _fetch_exchange(conn, exchange_id))
             if replayed is not None:
                 return replayed
@@ -297,7 +305,10 @@ async def execute_exchange(
             )
     step = _Exchange(pool, peers, exchange_id, wallet, quote)
     try:
-        return await step.drive(resumed=not fresh)
+        with leases.holding(lease):
+            return await step.drive(resumed=not fresh)
+    except AttemptExpired:
+        raise  # the lease may be another attempt's by now: nothing to record or release
     except BaseException as exc:
         async with pool.acquire() as conn:
             if isinstance(exc, FailedPrecondition) and not step.moved:
@@ -305,7 +316,7 @@ async def execute_exchange(
                 # quote may still be executed by another request.
                 await _fail(conn, exchange_id, exc.reason, exc.message)
             else:
-                await _release_lease(conn, exchange_id)
+                await _release_lease(conn, exchange_id, lease)
         raise
 
 
@@ -493,7 +504,8 @@ async def reconcile_stale_exchanges(
     for row in stale:
         exchange_id = row["exchange_id"]
         async with pool.acquire() as conn:
-            if not await _take_lease(conn, exchange_id):
+            lease = await _take_lease(conn, exchange_id)
+            if lease is None:
                 continue
             exchange = await _fetch_exchange(conn, exchange_id)
             assert exchange is not None
@@ -520,7 +532,7 @@ async def reconcile_stale_exchanges(
                 "exchange_reconcile_failed", exchange_id=str(exchange_id), reason=exc.reason
             )
             async with pool.acquire() as conn:
-                await _release_lease(conn, exchange_id)
+                await _release_lease(conn, exchange_id, lease)
     return settled
 
 

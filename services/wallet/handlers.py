@@ -30,6 +30,7 @@ from services.common.db import DbConn
 from services.common.errors import (
     Aborted,
     AlreadyExists,
+    AttemptExpired,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -47,7 +48,7 @@ from services.common.money import (
     to_minor_units,
     validate_currency,
 )
-from services.wallet import history, pins, store
+from services.wallet import history, leases, pins, store
 from services.wallet.domain import (
     NAMESPACE,
     Role,
@@ -64,6 +65,7 @@ from services.wallet.domain import (
     wallet_account_id,
     wallet_id_for,
 )
+from services.wallet.leases import Lease
 from services.wallet.peers import Peers
 
 log = structlog.get_logger("moneta.wallet")
@@ -417,7 +419,7 @@ async def transfer(
             note=cmd.note,
             category=cmd.category,
         )
-        payment, fresh = await store.claim_payment(
+        payment, claimed = await store.claim_payment(
             conn,
             payment_id=pid,
             kind="P2P",
@@ -431,16 +433,21 @@ async def transfer(
             lease_seconds=LEASE_SECONDS,
         )
 
-    replayed = await admit_attempt(pool, payment, pid, fingerprint, _replay, leased=fresh)
+    fresh = claimed is not None
+    replayed, lease = await admit_attempt(pool, payment, pid, fingerprint, _replay, claimed)
     if replayed is not None:
         return replayed
+    assert lease is not None
     step = _Payment(
         pool, peers, pid, cmd, currency, sender_wallet, sender_accounts, recipient_wallet,
         reservation_id=payment["reservation_id"], review_seconds=review_seconds,
         recipient_accounts=recipient_accounts,
     )  # fmt: skip
     try:
-        return await step.drive(resumed=not fresh)
+        with leases.holding(lease):
+            return await step.drive(resumed=not fresh)
+    except AttemptExpired:
+        raise  # the lease may be another attempt's by now: nothing to record or release
     except FailedPrecondition as refusal:
         # Refused before any money moved: final for this key, a retry replays it.
         async with pool.acquire() as conn:
@@ -453,7 +460,7 @@ async def transfer(
         # Outcome unknown (a peer timed out, the call was cancelled): the
         # next attempt, or the reconciler, asks the ledger what happened.
         async with pool.acquire() as conn:
-            await store.release_lease(conn, pid)
+            await store.release_lease(conn, pid, lease)
         raise
 
 
@@ -466,31 +473,31 @@ async def admit_attempt(
     pid: uuid.UUID,
     fingerprint: str,
     replay: Callable[[asyncpg.Record | None], Outcome | None],
-    *,
-    leased: bool = False,
-) -> Outcome | None:
+    claimed: Lease | None = None,
+) -> tuple[Outcome, None] | tuple[None, Lease]:
     """The gate every payment passes after recording itself: the same key
     with another request is refused; a finished payment answers its first
     outcome (``replay``); otherwise this attempt takes the payment's lease
-    (None; ``leased`` when recording it took the lease already), or is told
-    another attempt is still at work."""
+    (and gets it back; ``claimed``: the lease recording it took already), or
+    is told another attempt is still at work."""
     if payment["payment_id"] != pid or payment["request_hash"] != fingerprint:
         raise AlreadyExists(
             "this idempotency key was used for a different request",
             reason="IDEMPOTENCY_KEY_REUSED",
         )
-    if leased:
-        return None
+    if claimed is not None:
+        return None, claimed
     replayed = replay(payment)
     if replayed is not None:
-        return replayed
+        return replayed, None
     async with pool.acquire() as conn:
-        if await store.take_lease(conn, pid, LEASE_SECONDS):
-            return None
+        lease = await store.take_lease(conn, pid, LEASE_SECONDS)
+        if lease is not None:
+            return None, lease
         # Maybe it finished a moment ago.
         replayed = replay(await store.fetch_payment(conn, pid))
     if replayed is not None:
-        return replayed
+        return replayed, None
     raise Aborted(
         "the same request is still in progress; retry shortly", reason="REQUEST_IN_PROGRESS"
     )
@@ -817,7 +824,10 @@ async def repay_debts_after_incoming(
     from services.wallet import banking  # banking builds on this module
 
     try:
-        await banking.repay_debts(pool, peers, wallet_id, currency)
+        # Under each debt's row lock, not the payment's lease: a payment's
+        # lease running out does not stop its recipient's debts being repaid.
+        with leases.holding(None):
+            await banking.repay_debts(pool, peers, wallet_id, currency)
     except (MonetaError, OSError, asyncpg.PostgresError) as exc:
         log.warning("debt_repayment_deferred", wallet_id=str(wallet_id), error=str(exc))
 
@@ -924,7 +934,8 @@ async def reconcile_stale_payments(
     settled = 0
     for pid in stale:
         async with pool.acquire() as conn:
-            if not await store.take_lease(conn, pid, LEASE_SECONDS):
+            lease = await store.take_lease(conn, pid, LEASE_SECONDS)
+            if lease is None:
                 continue
             payment = await store.fetch_payment(conn, pid)
         assert payment is not None
@@ -956,7 +967,7 @@ async def reconcile_stale_payments(
             log.warning("payment_reconcile_failed", payment_id=str(pid), reason=exc.reason)
         finally:
             async with pool.acquire() as conn:
-                await store.release_lease(conn, pid)
+                await store.release_lease(conn, pid, lease)
     return settled
 
 
@@ -1107,42 +1118,49 @@ async def confirm_transfer(
                                  reason="NOT_PENDING_REVIEW")  # fmt: skip
     await pins.verify_pin(pool, user_id, pin)
     async with pool.acquire() as conn:
-        if not await store.take_lease(conn, pid, LEASE_SECONDS):
+        lease = await store.take_lease(conn, pid, LEASE_SECONDS)
+        if lease is None:
             raise Aborted("the transfer is being confirmed; retry shortly",
                           reason="REQUEST_IN_PROGRESS")  # fmt: skip
         wallets = await store.fetch_wallets_and_accounts(conn, [uid, payment["recipient_user_id"]])
     (sender_wallet, _), (recipient_wallet, _) = wallets[uid], wallets[payment["recipient_user_id"]]
     try:
-        # The wallets may have changed while the payment waited.
-        ensure_can_send(WalletStatus(sender_wallet["status"]))
-        ensure_can_receive(WalletStatus(recipient_wallet["status"]))
-        await _approve_review(peers, pid, uid)
-        result = await peers.create_transfer(
-            ledger_pb2.Transfer(
-                id=str(review_post_id(pid)),
-                type=ledger_pb2.TRANSFER_TYPE_POST_PENDING,
-                pending_id=str(pid),
-                code="P2P",
+        with leases.holding(lease):
+            # The wallets may have changed while the payment waited.
+            ensure_can_send(WalletStatus(sender_wallet["status"]))
+            ensure_can_receive(WalletStatus(recipient_wallet["status"]))
+            await _approve_review(peers, pid, uid)
+            result = await peers.create_transfer(
+                ledger_pb2.Transfer(
+                    id=str(review_post_id(pid)),
+                    type=ledger_pb2.TRANSFER_TYPE_POST_PENDING,
+                    pending_id=str(pid),
+                    code="P2P",
+                )
             )
-        )
-        if result.code in (ledger_pb2.TransferResult.PENDING_EXPIRED,
-                           ledger_pb2.TransferResult.PENDING_ALREADY_RESOLVED):  # fmt: skip
-            await _settle_lapsed_review(pool, peers, payment)
-            raise FailedPrecondition("the transfer was not confirmed in time",
-                                     reason="REVIEW_EXPIRED")  # fmt: skip
-        if result.code not in _OK_CODES:
-            raise Internal("the ledger refused the confirmation: "
-                           + ledger_pb2.TransferResult.Code.Name(result.code),
-                           reason="LEDGER_REFUSED")  # fmt: skip
-        reservation = payment_reservation(payment)
-        spend = commit_spend(peers, pid, reservation, sender_wallet, payment["amount"],
-                             payment["currency"], "P2P")  # fmt: skip
-        balance = await complete_p2p(pool, peers, pid, sender_wallet, recipient_wallet,
-                                     payment["amount"], payment["currency"], payment["note"],
-                                     held=True, spend=spend)  # fmt: skip
-    finally:
+            if result.code in (ledger_pb2.TransferResult.PENDING_EXPIRED,
+                               ledger_pb2.TransferResult.PENDING_ALREADY_RESOLVED):  # fmt: skip
+                await _settle_lapsed_review(pool, peers, payment)
+                raise FailedPrecondition("the transfer was not confirmed in time",
+                                         reason="REVIEW_EXPIRED")  # fmt: skip
+            if result.code not in _OK_CODES:
+                raise Internal("the ledger refused the confirmation: "
+                               + ledger_pb2.TransferResult.Code.Name(result.code),
+                               reason="LEDGER_REFUSED")  # fmt: skip
+            reservation = payment_reservation(payment)
+            spend = commit_spend(peers, pid, reservation, sender_wallet, payment["amount"],
+                                 payment["currency"], "P2P")  # fmt: skip
+            balance = await complete_p2p(pool, peers, pid, sender_wallet, recipient_wallet,
+                                         payment["amount"], payment["currency"], payment["note"],
+                                         held=True, spend=spend)  # fmt: skip
+    except AttemptExpired:
+        raise  # the lease may be another attempt's by now: left as it is
+    except BaseException:
         async with pool.acquire() as conn:
-            await store.release_lease(conn, pid)
+            await store.release_lease(conn, pid, lease)
+        raise
+    async with pool.acquire() as conn:
+        await store.release_lease(conn, pid, lease)
     log.info("transfer_confirmed", transfer_id=str(pid))
     return TransferOutcome(pid, "COMPLETED", balance, payment["currency"])
 

@@ -43,6 +43,7 @@ from services.common.db import DbConn
 from services.common.errors import (
     Aborted,
     AlreadyExists,
+    AttemptExpired,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -51,7 +52,7 @@ from services.common.errors import (
 )
 from services.common.ids import parse_uuid
 from services.common.money import INT64_MAX, require_positive, validate_currency
-from services.wallet import handlers, history, store
+from services.wallet import handlers, history, leases, store
 from services.wallet.domain import (
     NAMESPACE,
     WalletStatus,
@@ -513,7 +514,7 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
             # time is answered whatever the clock says now.
             ensure_unexpired(what.qr, datetime.now(UTC))
         async with conn.transaction():
-            payment, fresh = await store.claim_payment(
+            payment, claimed = await store.claim_payment(
                 conn,
                 payment_id=pid,
                 kind="MERCHANT",
@@ -526,7 +527,7 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                 note=reference or "",
                 lease_seconds=handlers.LEASE_SECONDS,
             )
-            if fresh:
+            if claimed is not None:
                 await conn.execute(
                     """
                     INSERT INTO merchant_payments (payment_id, merchant_id, reference, category)
@@ -541,15 +542,22 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                     # Refused: the transaction rolls back, nothing is recorded.
                     await _claim_qr_reference(conn, merchant_id, reference, pid)
 
-    replayed = await handlers.admit_attempt(pool, payment, pid, fingerprint, _replay, leased=fresh)
+    fresh = claimed is not None
+    replayed, lease = await handlers.admit_attempt(
+        pool, payment, pid, fingerprint, _replay, claimed
+    )
     if replayed is not None:
         return replayed
+    assert lease is not None
     step = _MerchantPayment(
         pool, peers, pid, wallet, payer_accounts.get(what.currency), what, category,
         cmd.device_id, payment["reservation_id"], cmd.pin,
     )  # fmt: skip
     try:
-        return await step.drive(resumed=not fresh)
+        with leases.holding(lease):
+            return await step.drive(resumed=not fresh)
+    except AttemptExpired:
+        raise  # the lease may be another attempt's by now: nothing to record or release
     except BaseException as exc:
         async with pool.acquire() as conn:
             refused_early = handlers.is_refusal(exc) and not step.moved
@@ -561,7 +569,7 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
             else:
                 # Outcome unknown: the next attempt, or the reconciler, asks
                 # the ledger whether the money moved.
-                await store.release_lease(conn, pid)
+                await store.release_lease(conn, pid, lease)
         if refused_early and not fresh:
             # What an earlier attempt reserved is freed now, not at its ttl.
             await handlers.release_quietly(peers, handlers.payment_reservation(payment))
@@ -741,7 +749,8 @@ async def reconcile_stale_merchant_payments(
     for row in stale:
         pid = row["payment_id"]
         async with pool.acquire() as conn:
-            if not await store.take_lease(conn, pid, LEASE_SECONDS):
+            lease = await store.take_lease(conn, pid, LEASE_SECONDS)
+            if lease is None:
                 continue
             payment = await conn.fetchrow(
                 """
@@ -786,7 +795,7 @@ async def reconcile_stale_merchant_payments(
         except MonetaError as exc:
             log.warning("merchant_payment_reconcile_failed", payment_id=str(pid), reason=exc.reason)
             async with pool.acquire() as conn:
-                await store.release_lease(conn, pid)
+                await store.release_lease(conn, pid, lease)
     return settled
 
 

@@ -25,6 +25,7 @@ from services.common.errors import DeadlineExceeded, Internal, Unavailable, from
 from services.common.grpc_util import ACTOR_ID_HEADER
 from services.common.interceptors import peer_channel
 from services.common.money import to_minor_units
+from services.wallet import leases
 from services.wallet.balance_cache import BalanceCache
 from services.wallet.config import WalletSettings
 
@@ -77,6 +78,8 @@ class Peers:
         tls: CommonSettings | None = None,
     ) -> None:
         self.cache = cache or BalanceCache(None, "")
+        # Every call's deadline, unless it sets a shorter one.
+        self.timeout = timeout
         self._channels = [
             peer_channel(a, timeout, tls) for a in (ledger_addr, budget_addr, fraud_addr)
         ]
@@ -117,7 +120,9 @@ class Peers:
         self, transfers: Sequence[ledger_pb2.Transfer]
     ) -> list[ledger_pb2.TransferResult]:
         """Several transfers in one request (a linked chain, say): one result
-        each, in order."""
+        each, in order. Under a lease (``leases.holding``), refused
+        ATTEMPT_EXPIRED, unsent, unless the lease outlives the call."""
+        leases.ensure_time_left(self.timeout)
         touched = {t.debit_account_id for t in transfers} | {t.credit_account_id for t in transfers}
         try:
             response: ledger_pb2.CreateTransfersResponse = await _call(

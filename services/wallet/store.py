@@ -10,6 +10,7 @@ import asyncpg
 
 from services.common.db import DbConn
 from services.common.errors import AlreadyExists
+from services.wallet.leases import Lease, clock
 
 _USER_COLUMNS = (
     "user_id, email, phone, username, full_name, company_id, role, default_currency, created_at"
@@ -20,7 +21,7 @@ _WALLET_COLUMNS = (
 _PAYMENT_COLUMNS = """
     payment_id, kind, sender_user_id, idempotency_key, request_hash, recipient_user_id, amount,
     currency, note, status, failure_reason, failure_message, reservation_id, sender_balance,
-    created_at, updated_at, review_expires_at
+    created_at, updated_at, review_expires_at, lease_until
 """
 _TAKEN_REASONS = {
     "users_email_key": "EMAIL_TAKEN",
@@ -197,12 +198,13 @@ async def claim_payment(
     currency: str,
     note: str,
     lease_seconds: float,
-) -> tuple[asyncpg.Record, bool]:
+) -> tuple[asyncpg.Record, Lease | None]:
     """Records the payment as PROCESSING, leased to this attempt, or returns
     the one recorded under the same idempotency key (whose lease the caller
-    has yet to take). The second value says whether this call recorded it.
-    One round trip; two when the key's first payment committed while this
-    statement ran (invisible to its snapshot)."""
+    has yet to take). The second value is the lease when this call recorded
+    it, None when it did not. One round trip; two when the key's first
+    payment committed while this statement ran (invisible to its snapshot)."""
+    started = clock()
     row = await conn.fetchrow(
         f"""
         WITH new AS (
@@ -238,28 +240,37 @@ async def claim_payment(
             idempotency_key,
         )
         assert row is not None
-        return row, False
-    return row, bool(row["fresh"])
+        return row, None
+    if not row["fresh"]:
+        return row, None
+    return row, Lease(row["lease_until"], started, lease_seconds)
 
 
-async def take_lease(conn: DbConn, payment_id: uuid.UUID, seconds: float) -> bool:
-    """Leases an unfinished payment to this attempt; False while another
+async def take_lease(conn: DbConn, payment_id: uuid.UUID, seconds: float) -> Lease | None:
+    """Leases an unfinished payment to this attempt; None while another
     attempt holds it."""
-    row = await conn.fetchval(
+    started = clock()
+    until = await conn.fetchval(
         """
         UPDATE payments SET lease_until = now() + make_interval(secs => $2), updated_at = now()
          WHERE payment_id = $1 AND status IN ('PROCESSING', 'PENDING_REVIEW')
            AND (lease_until IS NULL OR lease_until < now())
-        RETURNING payment_id
+        RETURNING lease_until
         """,
         payment_id,
         seconds,
     )
-    return row is not None
+    return None if until is None else Lease(until, started, seconds)
 
 
-async def release_lease(conn: DbConn, payment_id: uuid.UUID) -> None:
-    await conn.execute("UPDATE payments SET lease_until = NULL WHERE payment_id = $1", payment_id)
+async def release_lease(conn: DbConn, payment_id: uuid.UUID, lease: Lease) -> None:
+    """Gives the lease up, if it is still this attempt's (another may hold
+    the payment by now)."""
+    await conn.execute(
+        "UPDATE payments SET lease_until = NULL WHERE payment_id = $1 AND lease_until = $2",
+        payment_id,
+        lease.until,
+    )
 
 
 async def fetch_payment(conn: DbConn, payment_id: uuid.UUID) -> asyncpg.Record | None:

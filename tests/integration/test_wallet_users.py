@@ -10,6 +10,7 @@ import asyncpg
 
 from services.common.errors import AlreadyExists
 from services.wallet import handlers, store
+from services.wallet.leases import Lease
 from tests.conftest import TestRun, service_pool
 
 
@@ -61,7 +62,9 @@ async def test_another_user_with_a_taken_email_is_refused_even_concurrently(
         await pool.close()
 
 
-async def claim(pool: asyncpg.Pool, sender: uuid.UUID, key: str) -> tuple[asyncpg.Record, bool]:
+async def claim(
+    pool: asyncpg.Pool, sender: uuid.UUID, key: str
+) -> tuple[asyncpg.Record, Lease | None]:
     async with pool.acquire() as conn:
         return await store.claim_payment(
             conn, payment_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{sender}:{key}"), kind="P2P",
@@ -80,7 +83,7 @@ async def test_a_payment_is_claimed_once_per_key_and_leased_to_the_attempt_that_
         for round_ in range(20):
             key = f"key-{round_}"
             claims = await asyncio.gather(*(claim(pool, sender, key) for _ in range(5)))
-            assert [fresh for _, fresh in claims].count(True) == 1
+            assert [lease is not None for _, lease in claims].count(True) == 1
             assert {row["payment_id"] for row, _ in claims} == {claims[0][0]["payment_id"]}
             leased = await pool.fetchval(
                 "SELECT lease_until > now() FROM payments WHERE payment_id = $1",
