@@ -1,0 +1,335 @@
+"""An attempt stalled past its lease (a paused process, a long GC pause)
+moves no money once another attempt has taken over, and its late release
+leaves the other attempt's lease alone. The wallet's code runs in the
+test's process, against the mesh's database, cache and peers, with a lease
+of 1 s for the attempt that stalls."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+import pytest
+
+from moneta.fraud.v1 import fraud_pb2
+from moneta.ledger.v1 import ledger_pb2
+from moneta.wallet.v1 import wallet_pb2_grpc
+from services.common.db import create_pool
+from services.common.errors import (
+    Aborted,
+    AttemptExpired,
+    FailedPrecondition,
+    Unavailable,
+)
+from services.common.infra import redis_client
+from services.wallet import banking, handlers, store
+from services.wallet.balance_cache import BalanceCache
+from services.wallet.domain import payment_id
+from services.wallet.peers import Peers
+from tests.conftest import TestRun
+from tests.e2e.conftest import Mesh, Person, budgeted_person, create_person, only_budget
+
+Stub = wallet_pb2_grpc.WalletServiceStub
+T = TypeVar("T")
+WAIT_SECONDS = 10.0
+
+
+class Stalling(Peers):
+    """Peers whose process stalls at one step until the test resumes it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stalled = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def stall(self) -> None:
+        self.stalled.set()
+        await self.resume.wait()
+
+
+class StallBeforeLedger(Stalling):
+    """Stalls right before its ledger call (after fraud and budget said yes)."""
+
+    async def create_transfers(
+        self, transfers: Sequence[ledger_pb2.Transfer]
+    ) -> list[ledger_pb2.TransferResult]:
+        await self.stall()
+        return await super().create_transfers(transfers)
+
+
+class StallThenFraudDown(Stalling):
+    """Stalls in the fraud check, which then fails: an outcome the attempt
+    cannot know, so it gives its lease up."""
+
+    async def score(self, request: fraud_pb2.ScoreRequest) -> fraud_pb2.ScoreResponse:
+        await self.stall()
+        raise Unavailable("fraud did not answer", reason="FRAUD_CHECK_UNAVAILABLE")
+
+
+@dataclass
+class Wallet:
+    pool: asyncpg.Pool
+    cache: BalanceCache
+    peers: Peers
+
+
+@pytest.fixture
+async def wallet(test_run: TestRun, mesh: Mesh) -> AsyncIterator[Wallet]:
+    pool = await create_pool(test_run.database_url("wallet"))
+    redis = redis_client(test_run.settings.redis_url)
+    cache = BalanceCache(redis, test_run.redis_prefix)
+    peers = mesh.peers(cache)
+    yield Wallet(pool, cache, peers)
+    await peers.close()
+    await redis.aclose()
+    await pool.close()
+
+
+async def stalled_attempt(
+    pool: asyncpg.Pool,
+    stalling: Stalling,
+    attempt: Awaitable[T],
+    monkeypatch: pytest.MonkeyPatch,
+    leased: tuple[str, str, uuid.UUID],
+) -> asyncio.Task[T]:
+    """Starts ``attempt`` with leases of 1 s, waits until it has stalled and
+    its lease (on the row ``leased``: table, key column, id) has run out by
+    the database's clock, then puts leases back to their usual length for
+    whoever comes next."""
+    usual = handlers.LEASE_SECONDS
+    monkeypatch.setattr(handlers, "LEASE_SECONDS", 1.0)
+    task = asyncio.ensure_future(attempt)
+    try:
+        await asyncio.wait_for(stalling.stalled.wait(), WAIT_SECONDS)
+        await lease_lapsed(pool, *leased)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        monkeypatch.setattr(handlers, "LEASE_SECONDS", usual)
+    return task
+
+
+async def lease_lapsed(pool: asyncpg.Pool, table: str, key: str, row_id: uuid.UUID) -> None:
+    """Polls until the row's lease has run out by the database's clock."""
+    deadline = asyncio.get_running_loop().time() + WAIT_SECONDS
+    while not await pool.fetchval(
+        f"SELECT lease_until < now() FROM {table} WHERE {key} = $1", row_id
+    ):
+        assert asyncio.get_running_loop().time() < deadline, "the lease never lapsed"
+        await asyncio.sleep(0.05)
+
+
+async def freeze(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> None:
+    wallet = await http.get(f"/api/v1/wallets/{person.user_id}", headers=mesh.admin())
+    response = await http.put(
+        f"/api/v1/wallets/{wallet.json()['wallet_id']}/status",
+        json={"status": "FROZEN", "reason": "lease e2e"},
+        headers=mesh.admin(),
+    )
+    assert response.status_code == 200, response.text
+
+
+async def usd_available(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> str:
+    response = await http.get(f"/api/v1/wallets/{person.user_id}", headers=mesh.admin())
+    assert response.status_code == 200, response.text
+    [usd] = [b for b in response.json()["balances"] if b["currency"] == "USD"]
+    return str(usd["available"])
+
+
+async def budget_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> tuple[str, str]:
+    """(used, reserved) of the person's one budget."""
+    budget = await only_budget(http, mesh, person)
+    return budget["used_amount"], budget["reserved_amount"]
+
+
+async def link_account(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> str:
+    response = await http.post(
+        "/api/v1/wallet/bank-accounts",
+        json={"user_id": person.user_id, "account_number": "000123456789",
+              "routing_number": "021000021", "holder_name": "Test Holder"},
+        headers=mesh.auth(person.user_id),
+    )  # fmt: skip
+    assert response.status_code == 201, response.text
+    return str(response.json()["bank_account_id"])
+
+
+# ---------------------------------------------------------------- P2P
+
+
+@pytest.mark.parametrize("retry", ["refused", "completed"])
+async def test_a_p2p_attempt_stalled_past_its_lease_moves_no_money(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+    retry: str,
+) -> None:
+    payer = await budgeted_person(wallet_stub, http, mesh, "50.00", "P2P", "30")
+    friend = await create_person(wallet_stub, http, mesh, "0")
+    cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 2000, "USD", "zz")
+    pid = payment_id(uuid.UUID(payer.user_id), "zz")
+    stalling = mesh.peers(wallet.cache, StallBeforeLedger)
+    assert isinstance(stalling, Stalling)
+    try:
+        first = await stalled_attempt(
+            wallet.pool, stalling, handlers.transfer(wallet.pool, stalling, cmd), monkeypatch,
+            ("payments", "payment_id", pid),
+        )  # fmt: skip
+        if retry == "refused":
+            await freeze(http, mesh, payer)
+            with pytest.raises(FailedPrecondition) as refused:
+                await handlers.transfer(wallet.pool, wallet.peers, cmd)
+            assert refused.value.reason == "WALLET_FROZEN"
+        else:
+            assert (await handlers.transfer(wallet.pool, wallet.peers, cmd)).status == "COMPLETED"
+        stalling.resume.set()
+
+        with pytest.raises(AttemptExpired) as expired:
+            await first
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    assert expired.value.reason == "ATTEMPT_EXPIRED"
+    moved = await wallet.peers.lookup_transfer(pid)
+    status = await wallet.pool.fetchval("SELECT status FROM payments WHERE payment_id = $1", pid)
+    if retry == "refused":
+        assert moved is None
+        assert status == "FAILED"
+        assert await budget_of(http, mesh, payer) == ("0.00", "0.00")
+        assert await usd_available(http, mesh, payer) == "50.00"
+    else:
+        assert moved is not None and moved.amount == 2000
+        assert status == "COMPLETED"
+        assert await budget_of(http, mesh, payer) == ("20.00", "0.00")
+        assert await usd_available(http, mesh, payer) == "30.00"
+
+
+async def test_a_p2p_attempt_stalled_past_its_lease_leaves_the_next_attempts_lease_alone(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    payer = await create_person(wallet_stub, http, mesh, "50.00")
+    friend = await create_person(wallet_stub, http, mesh, "0")
+    cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 700, "USD", "zz")
+    pid = payment_id(uuid.UUID(payer.user_id), "zz")
+    stalling = mesh.peers(wallet.cache, StallThenFraudDown)
+    assert isinstance(stalling, Stalling)
+    try:
+        first = await stalled_attempt(
+            wallet.pool, stalling, handlers.transfer(wallet.pool, stalling, cmd), monkeypatch,
+            ("payments", "payment_id", pid),
+        )  # fmt: skip
+        async with wallet.pool.acquire() as conn:
+            second = await store.take_lease(conn, pid, handlers.LEASE_SECONDS)
+        assert second is not None  # the next attempt (or the reconciler) is at work
+        stalling.resume.set()
+
+        with pytest.raises(Unavailable):
+            await first  # and it gives up its lease, as it thinks
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    lease_until = await wallet.pool.fetchval(
+        "SELECT lease_until FROM payments WHERE payment_id = $1", pid
+    )
+    assert lease_until == second.until
+    with pytest.raises(Aborted) as concurrent:
+        await handlers.transfer(wallet.pool, wallet.peers, cmd)
+    assert concurrent.value.reason == "REQUEST_IN_PROGRESS"
+
+
+# ---------------------------------------------------------------- withdrawals
+
+
+async def test_a_withdrawal_stalled_past_its_lease_places_no_hold_after_a_retry_was_refused(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alice = await budgeted_person(wallet_stub, http, mesh, "100.00", "CASH_OUT", "50")
+    cmd = banking.BankTransferCommand(
+        alice.user_id, 4000, "USD", await link_account(http, mesh, alice), "zz"
+    )
+    transfer_id = banking.bank_transfer_id(uuid.UUID(alice.user_id), "zz")
+    stalling = mesh.peers(wallet.cache, StallBeforeLedger)
+    assert isinstance(stalling, Stalling)
+    try:
+        first = await stalled_attempt(
+            wallet.pool, stalling, banking.withdraw(wallet.pool, stalling, cmd), monkeypatch,
+            ("bank_transfers", "transfer_id", transfer_id),
+        )  # fmt: skip
+        await freeze(http, mesh, alice)
+        with pytest.raises(FailedPrecondition) as refused:
+            await banking.withdraw(wallet.pool, wallet.peers, cmd)
+        assert refused.value.reason == "WALLET_FROZEN"
+        stalling.resume.set()
+
+        with pytest.raises(AttemptExpired):
+            await first
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    assert await wallet.peers.lookup_transfer(transfer_id) is None
+    status = await wallet.pool.fetchval(
+        "SELECT status FROM bank_transfers WHERE transfer_id = $1", transfer_id
+    )
+    assert status == "REFUSED"
+    assert await budget_of(http, mesh, alice) == ("0.00", "0.00")
+    assert await usd_available(http, mesh, alice) == "100.00"
+    with pytest.raises(FailedPrecondition) as replay:
+        await banking.withdraw(wallet.pool, wallet.peers, cmd)
+    assert replay.value.reason == "WALLET_FROZEN"
+
+
+async def test_a_withdrawal_stalled_past_its_lease_leaves_the_next_attempts_lease_alone(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alice = await create_person(wallet_stub, http, mesh, "100.00")
+    cmd = banking.BankTransferCommand(
+        alice.user_id, 4000, "USD", await link_account(http, mesh, alice), "zz"
+    )
+    transfer_id = banking.bank_transfer_id(uuid.UUID(alice.user_id), "zz")
+    stalling = mesh.peers(wallet.cache, StallThenFraudDown)
+    assert isinstance(stalling, Stalling)
+    try:
+        first = await stalled_attempt(
+            wallet.pool, stalling, banking.withdraw(wallet.pool, stalling, cmd), monkeypatch,
+            ("bank_transfers", "transfer_id", transfer_id),
+        )  # fmt: skip
+        async with wallet.pool.acquire() as conn:
+            second = await banking._take_lease(conn, transfer_id)
+        assert second is not None  # the next attempt (or the reconciler) is at work
+        stalling.resume.set()
+
+        with pytest.raises(Unavailable):
+            await first
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    lease_until = await wallet.pool.fetchval(
+        "SELECT lease_until FROM bank_transfers WHERE transfer_id = $1", transfer_id
+    )
+    assert lease_until == second[1].until
+    with pytest.raises(Aborted) as concurrent:
+        await banking.withdraw(wallet.pool, wallet.peers, cmd)
+    assert concurrent.value.reason == "REQUEST_IN_PROGRESS"
