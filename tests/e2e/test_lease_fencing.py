@@ -27,7 +27,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.infra import redis_client
-from services.wallet import banking, handlers, store
+from services.wallet import banking, fx, handlers, merchants, store
 from services.wallet.balance_cache import BalanceCache
 from services.wallet.domain import payment_id
 from services.wallet.peers import Peers
@@ -333,3 +333,99 @@ async def test_a_withdrawal_stalled_past_its_lease_leaves_the_next_attempts_leas
     with pytest.raises(Aborted) as concurrent:
         await banking.withdraw(wallet.pool, wallet.peers, cmd)
     assert concurrent.value.reason == "REQUEST_IN_PROGRESS"
+
+
+# ---------------------------------------------------------------- merchants and exchanges
+
+
+async def test_a_merchant_payment_stalled_past_its_lease_moves_nothing_after_a_retry_was_refused(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    payer = await create_person(wallet_stub, http, mesh, "30.00")
+    created = await http.post(
+        "/api/v1/merchants", json={"name": f"Cafe {uuid.uuid4().hex[:6]}", "currency": "USD"},
+        headers=mesh.admin(),
+    )  # fmt: skip
+    assert created.status_code == 201, created.text
+    cmd = merchants.PayMerchantCommand(
+        payer_id=payer.user_id, idempotency_key="zz", merchant_id=created.json()["merchant_id"],
+        amount=800, currency="USD",
+    )  # fmt: skip
+    pid = payment_id(uuid.UUID(payer.user_id), "zz")
+    stalling = mesh.peers(wallet.cache, StallBeforeLedger)
+    assert isinstance(stalling, Stalling)
+    try:
+        first = await stalled_attempt(
+            wallet.pool, stalling, merchants.pay_merchant(wallet.pool, stalling, cmd),
+            monkeypatch, ("payments", "payment_id", pid),
+        )  # fmt: skip
+        await freeze(http, mesh, payer)
+        with pytest.raises(FailedPrecondition) as refused:
+            await merchants.pay_merchant(wallet.pool, wallet.peers, cmd)
+        assert refused.value.reason == "WALLET_FROZEN"
+        stalling.resume.set()
+
+        with pytest.raises(AttemptExpired):
+            await first
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    assert await wallet.peers.lookup_transfer(pid) is None
+    status = await wallet.pool.fetchval("SELECT status FROM payments WHERE payment_id = $1", pid)
+    assert status == "FAILED"
+    assert await usd_available(http, mesh, payer) == "30.00"
+
+
+async def test_an_exchange_stalled_past_its_lease_moves_nothing_after_a_retry_was_refused(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    person = await create_person(wallet_stub, http, mesh, "30.00")
+    quoted = await http.post(
+        "/api/v1/exchange/quotes",
+        json={"user_id": person.user_id, "from_currency": "USD", "to_currency": "EUR",
+              "amount": "10.00"},
+        headers=mesh.auth(person.user_id),
+    )  # fmt: skip
+    assert quoted.status_code == 201, quoted.text
+    exchange_id = fx.exchange_id_for(uuid.UUID(person.user_id), "zz")
+
+    def execute(peers: Peers) -> Awaitable[fx.ExchangeOutcome]:
+        return fx.execute_exchange(
+            wallet.pool, peers, user_id=person.user_id, quote_id=quoted.json()["quote_id"],
+            idempotency_key="zz",
+        )  # fmt: skip
+
+    stalling = mesh.peers(wallet.cache, StallBeforeLedger)
+    assert isinstance(stalling, Stalling)
+    try:
+        first = await stalled_attempt(
+            wallet.pool, stalling, execute(stalling), monkeypatch,
+            ("fx_exchanges", "exchange_id", exchange_id),
+        )  # fmt: skip
+        await freeze(http, mesh, person)
+        with pytest.raises(FailedPrecondition) as refused:
+            await execute(wallet.peers)
+        assert refused.value.reason == "WALLET_FROZEN"
+        stalling.resume.set()
+
+        with pytest.raises(AttemptExpired):
+            await first
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    assert await wallet.peers.lookup_transfer(exchange_id) is None
+    status = await wallet.pool.fetchval(
+        "SELECT status FROM fx_exchanges WHERE exchange_id = $1", exchange_id
+    )
+    assert status == "FAILED"
+    assert await usd_available(http, mesh, person) == "30.00"
