@@ -391,18 +391,26 @@ async def _lease(
     )
 
 
-async def _refuse(conn: DbConn, transfer_id: uuid.UUID, refusal: MonetaError) -> bool:
-    """Refuses a transfer still PROCESSING; False when it was not (another
-    attempt finished it meanwhile)."""
+async def _refuse(
+    conn: DbConn,
+    transfer_id: uuid.UUID,
+    refusal: MonetaError,
+    lease: leases.Lease | None = None,
+) -> bool:
+    """Refuses a transfer still PROCESSING (and, given the ``lease`` of the
+    attempt refusing it, still leased to it); False when it was not (another
+    attempt finished it, or holds it, meanwhile)."""
     status = await conn.execute(
         """
         UPDATE bank_transfers SET status = 'REFUSED', failure_reason = $2, failure_message = $3,
                                   updated_at = now()
          WHERE transfer_id = $1 AND status = 'PROCESSING'
+           AND ($4::timestamptz IS NULL OR lease_until = $4)
         """,
         transfer_id,
         refusal.reason,
         refusal.message,
+        lease.until if lease else None,
     )
     return bool(status == "UPDATE 1")
 
@@ -631,8 +639,12 @@ async def _request_bank_transfer(
         except BaseException as exc:
             async with pool.acquire() as conn:
                 refused = handlers.is_refusal(exc) and await _refuse(
-                    conn, transfer_id, cast(MonetaError, exc)
+                    conn, transfer_id, cast(MonetaError, exc), lease
                 )
+                if handlers.is_refusal(exc) and not refused:
+                    # This attempt outlived its lease: another one holds the
+                    # transfer (or finished it), and its outcome is the transfer's.
+                    raise AttemptExpired() from exc
                 if not refused:
                     # Outcome unknown: the next attempt, or the reconciler,
                     # asks the ledger whether the hold was placed.

@@ -194,17 +194,28 @@ async def _release_lease(conn: DbConn, exchange_id: uuid.UUID, lease: leases.Lea
     )
 
 
-async def _fail(conn: DbConn, exchange_id: uuid.UUID, reason: str, message: str) -> None:
-    await conn.execute(
+async def _fail(
+    conn: DbConn,
+    exchange_id: uuid.UUID,
+    reason: str,
+    message: str,
+    lease: leases.Lease | None = None,
+) -> bool:
+    """Records the exchange's refusal; False when it is finished already or,
+    given the ``lease`` of the attempt recording it, no longer leased to it."""
+    status = await conn.execute(
         """
         UPDATE fx_exchanges SET status = 'FAILED', failure_reason = $2, failure_message = $3,
                                 lease_until = NULL, updated_at = now()
          WHERE exchange_id = $1 AND status = 'PROCESSING'
+           AND ($4::timestamptz IS NULL OR lease_until = $4)
         """,
         exchange_id,
         reason,
         message,
+        lease.until if lease else None,
     )
+    return bool(status == "UPDATE 1")
 
 
 def _replay(exchange: asyncpg.Record | None) -> ExchangeOutcome | None:
@@ -314,7 +325,10 @@ async def execute_exchange(
             if isinstance(exc, FailedPrecondition) and not step.moved:
                 # Refused before any money moved: final for this key; the
                 # quote may still be executed by another request.
-                await _fail(conn, exchange_id, exc.reason, exc.message)
+                if not await _fail(conn, exchange_id, exc.reason, exc.message, lease):
+                    # This attempt outlived its lease: another one holds the
+                    # exchange (or finished it), and its outcome is the exchange's.
+                    raise AttemptExpired() from exc
             else:
                 await _release_lease(conn, exchange_id, lease)
         raise

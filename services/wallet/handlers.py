@@ -451,7 +451,11 @@ async def transfer(
     except FailedPrecondition as refusal:
         # Refused before any money moved: final for this key, a retry replays it.
         async with pool.acquire() as conn:
-            await store.fail_payment(conn, pid, refusal.reason, refusal.message)
+            recorded = await store.fail_payment(conn, pid, refusal.reason, refusal.message, lease)
+        if not recorded:
+            # This attempt outlived its lease: another one holds the payment
+            # (or finished it), and its outcome is the payment's.
+            raise AttemptExpired() from refusal
         if not fresh and not step.moved:
             # What an earlier attempt reserved is freed now, not at its ttl.
             await release_quietly(peers, payment_reservation(payment))

@@ -565,7 +565,10 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                 # Refused before any money moved: final for this key (a
                 # retry replays it), and a QR code becomes payable again.
                 refused = cast(MonetaError, exc)
-                await store.fail_payment(conn, pid, refused.reason, refused.message)
+                if not await store.fail_payment(conn, pid, refused.reason, refused.message, lease):
+                    # This attempt outlived its lease: another one holds the
+                    # payment (or finished it), and its outcome is the payment's.
+                    raise AttemptExpired() from exc
             else:
                 # Outcome unknown: the next attempt, or the reconciler, asks
                 # the ledger whether the money moved.

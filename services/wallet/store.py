@@ -308,17 +308,24 @@ async def complete_payment(conn: DbConn, payment_id: uuid.UUID, sender_balance: 
     )
 
 
-async def fail_payment(conn: DbConn, payment_id: uuid.UUID, reason: str, message: str) -> None:
-    await conn.execute(
+async def fail_payment(
+    conn: DbConn, payment_id: uuid.UUID, reason: str, message: str, lease: Lease | None = None
+) -> bool:
+    """Records the payment's refusal; False when it is finished already or,
+    given the ``lease`` of the attempt recording it, no longer leased to it."""
+    status = await conn.execute(
         """
         UPDATE payments SET status = 'FAILED', failure_reason = $2, failure_message = $3,
                             lease_until = NULL, updated_at = now()
          WHERE payment_id = $1 AND status IN ('PROCESSING', 'PENDING_REVIEW')
+           AND ($4::timestamptz IS NULL OR lease_until = $4)
         """,
         payment_id,
         reason,
         message,
+        lease.until if lease else None,
     )
+    return bool(status == "UPDATE 1")
 
 
 async def change_wallet_status(

@@ -71,6 +71,16 @@ class StallThenFraudDown(Stalling):
         raise Unavailable("fraud did not answer", reason="FRAUD_CHECK_UNAVAILABLE")
 
 
+class StallThenDecline(Stalling):
+    """Stalls in the fraud check, which then declines the payment."""
+
+    async def score(self, request: fraud_pb2.ScoreRequest) -> fraud_pb2.ScoreResponse:
+        await self.stall()
+        return fraud_pb2.ScoreResponse(
+            transaction_id=request.transaction_id, decision=fraud_pb2.DECISION_BLOCK
+        )
+
+
 @dataclass
 class Wallet:
     pool: asyncpg.Pool
@@ -248,6 +258,42 @@ async def test_a_p2p_attempt_stalled_past_its_lease_leaves_the_next_attempts_lea
     with pytest.raises(Aborted) as concurrent:
         await handlers.transfer(wallet.pool, wallet.peers, cmd)
     assert concurrent.value.reason == "REQUEST_IN_PROGRESS"
+
+
+async def test_a_p2p_attempt_refused_after_its_lease_lapsed_records_nothing(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    payer = await create_person(wallet_stub, http, mesh, "50.00")
+    friend = await create_person(wallet_stub, http, mesh, "0")
+    cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 700, "USD", "zz")
+    pid = payment_id(uuid.UUID(payer.user_id), "zz")
+    stalling = mesh.peers(wallet.cache, StallThenDecline)
+    assert isinstance(stalling, Stalling)
+    try:
+        first = await stalled_attempt(
+            wallet.pool, stalling, handlers.transfer(wallet.pool, stalling, cmd), monkeypatch,
+            ("payments", "payment_id", pid),
+        )  # fmt: skip
+        async with wallet.pool.acquire() as conn:
+            second = await store.take_lease(conn, pid, handlers.LEASE_SECONDS)
+        assert second is not None  # the next attempt (or the reconciler) is at work
+        stalling.resume.set()
+
+        with pytest.raises(AttemptExpired):
+            await first  # not TRANSACTION_DECLINED: the payment is the next attempt's now
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    row = await wallet.pool.fetchrow(
+        "SELECT status, lease_until FROM payments WHERE payment_id = $1", pid
+    )
+    assert row is not None
+    assert (row["status"], row["lease_until"]) == ("PROCESSING", second.until)
 
 
 # ---------------------------------------------------------------- withdrawals
@@ -429,3 +475,40 @@ async def test_an_exchange_stalled_past_its_lease_moves_nothing_after_a_retry_wa
     )
     assert status == "FAILED"
     assert await usd_available(http, mesh, person) == "30.00"
+
+
+async def test_a_withdrawal_refused_after_its_lease_lapsed_records_nothing(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alice = await create_person(wallet_stub, http, mesh, "100.00")
+    cmd = banking.BankTransferCommand(
+        alice.user_id, 4000, "USD", await link_account(http, mesh, alice), "zz"
+    )
+    transfer_id = banking.bank_transfer_id(uuid.UUID(alice.user_id), "zz")
+    stalling = mesh.peers(wallet.cache, StallThenDecline)
+    assert isinstance(stalling, Stalling)
+    try:
+        first = await stalled_attempt(
+            wallet.pool, stalling, banking.withdraw(wallet.pool, stalling, cmd), monkeypatch,
+            ("bank_transfers", "transfer_id", transfer_id),
+        )  # fmt: skip
+        async with wallet.pool.acquire() as conn:
+            second = await banking._take_lease(conn, transfer_id)
+        assert second is not None  # the next attempt (or the reconciler) is at work
+        stalling.resume.set()
+
+        with pytest.raises(AttemptExpired):
+            await first
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    row = await wallet.pool.fetchrow(
+        "SELECT status, lease_until FROM bank_transfers WHERE transfer_id = $1", transfer_id
+    )
+    assert row is not None
+    assert (row["status"], row["lease_until"]) == ("PROCESSING", second[1].until)
