@@ -378,7 +378,8 @@ async def _resolve_recipient(conn: DbConn, by: str, value: str) -> asyncpg.Recor
 
 # An attempt holds a payment this long: longer than the whole pipeline can
 # take with every peer call at its deadline, so a lease only lapses once its
-# attempt is surely over (finished, or crashed).
+# attempt is over (finished, or crashed), or stalled: and a stalled attempt
+# is fenced (services/wallet/leases.py, docs/wallet.md).
 LEASE_SECONDS = 30.0
 
 
