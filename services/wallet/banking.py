@@ -395,22 +395,22 @@ async def _refuse(
     conn: DbConn,
     transfer_id: uuid.UUID,
     refusal: MonetaError,
-    lease: leases.Lease | None = None,
+    *,
+    lease: leases.Lease,
 ) -> bool:
-    """Refuses a transfer still PROCESSING (and, given the ``lease`` of the
-    attempt refusing it, still leased to it); False when it was not (another
-    attempt finished it, or holds it, meanwhile)."""
+    """Refuses a transfer still PROCESSING and still leased to the attempt
+    refusing it (``lease``); False when it was not (another attempt finished
+    it, or holds it, meanwhile)."""
     status = await conn.execute(
         """
         UPDATE bank_transfers SET status = 'REFUSED', failure_reason = $2, failure_message = $3,
                                   updated_at = now()
-         WHERE transfer_id = $1 AND status = 'PROCESSING'
-           AND ($4::timestamptz IS NULL OR lease_until = $4)
+         WHERE transfer_id = $1 AND status = 'PROCESSING' AND lease_until = $4
         """,
         transfer_id,
         refusal.reason,
         refusal.message,
-        lease.until if lease else None,
+        lease.until,
     )
     return bool(status == "UPDATE 1")
 
@@ -639,7 +639,7 @@ async def _request_bank_transfer(
         except BaseException as exc:
             async with pool.acquire() as conn:
                 refused = handlers.is_refusal(exc) and await _refuse(
-                    conn, transfer_id, cast(MonetaError, exc), lease
+                    conn, transfer_id, cast(MonetaError, exc), lease=lease
                 )
                 if handlers.is_refusal(exc) and not refused:
                     # This attempt outlived its lease: another one holds the
@@ -724,8 +724,7 @@ async def _place_hold(
             metadata={"kind": kind, "bank_account_id": str(record["bank_account_id"])},
         )
     )
-    if result.code not in _OK_CODES and reservation_id is not None:
-        await handlers.release_quietly(peers, reservation_id)
+    # Refused: the caller frees the reservation once the refusal is recorded.
     if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
         raise FailedPrecondition(
             "insufficient funds", reason="INSUFFICIENT_FUNDS", details={"currency": currency}
@@ -926,6 +925,7 @@ async def reconcile_stale_bank_transfers(
                         conn, transfer_id,
                         Aborted("the request did not complete; nothing moved",
                                 reason="REQUEST_ABANDONED"),
+                        lease=lease,
                     )  # fmt: skip
                 if refused:
                     await handlers.release_quietly(

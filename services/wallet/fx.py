@@ -199,21 +199,22 @@ async def _fail(
     exchange_id: uuid.UUID,
     reason: str,
     message: str,
-    lease: leases.Lease | None = None,
+    *,
+    lease: leases.Lease,
 ) -> bool:
-    """Records the exchange's refusal; False when it is finished already or,
-    given the ``lease`` of the attempt recording it, no longer leased to it."""
+    """Records the exchange's refusal under the ``lease`` of the attempt
+    recording it; False when it is finished already or no longer leased to it."""
     status = await conn.execute(
         """
         UPDATE fx_exchanges SET status = 'FAILED', failure_reason = $2, failure_message = $3,
                                 lease_until = NULL, updated_at = now()
          WHERE exchange_id = $1 AND status = 'PROCESSING'
-           AND ($4::timestamptz IS NULL OR lease_until = $4)
+           AND lease_until = $4
         """,
         exchange_id,
         reason,
         message,
-        lease.until if lease else None,
+        lease.until,
     )
     return bool(status == "UPDATE 1")
 
@@ -325,7 +326,7 @@ async def execute_exchange(
             if isinstance(exc, FailedPrecondition) and not step.moved:
                 # Refused before any money moved: final for this key; the
                 # quote may still be executed by another request.
-                if not await _fail(conn, exchange_id, exc.reason, exc.message, lease):
+                if not await _fail(conn, exchange_id, exc.reason, exc.message, lease=lease):
                     # This attempt outlived its lease: another one holds the
                     # exchange (or finished it), and its outcome is the exchange's.
                     raise AttemptExpired() from exc
@@ -534,10 +535,12 @@ async def reconcile_stale_exchanges(
                 outcome = "COMPLETED"
             else:
                 async with pool.acquire() as conn:
-                    await _fail(
+                    failed = await _fail(
                         conn, exchange_id, "EXCHANGE_ABANDONED",
-                        "the exchange did not complete; nothing moved",
+                        "the exchange did not complete; nothing moved", lease=lease,
                     )  # fmt: skip
+                if not failed:
+                    continue  # a retry took over while this stalled: its outcome stands
                 outcome = "FAILED"
             log.warning("exchange_reconciled", exchange_id=str(exchange_id), outcome=outcome)
             settled += 1

@@ -452,14 +452,19 @@ async def transfer(
     except FailedPrecondition as refusal:
         # Refused before any money moved: final for this key, a retry replays it.
         async with pool.acquire() as conn:
-            recorded = await store.fail_payment(conn, pid, refusal.reason, refusal.message, lease)
+            recorded = await store.fail_payment(
+                conn, pid, refusal.reason, refusal.message, lease=lease
+            )
         if not recorded:
             # This attempt outlived its lease: another one holds the payment
             # (or finished it), and its outcome is the payment's.
             raise AttemptExpired() from refusal
-        if not fresh and not step.moved:
-            # What an earlier attempt reserved is freed now, not at its ttl.
-            await release_quietly(peers, payment_reservation(payment))
+        if not step.moved and (not fresh or step.reservation_id is not None):
+            # What this or an earlier attempt reserved is freed now, not at
+            # its ttl: only once the refusal is recorded under this attempt's
+            # lease, as a retry that took over may have reserved (and moved
+            # money) under the same name.
+            await release_quietly(peers, reservation_of(step.reservation_id, pid))
         raise
     except BaseException:
         # Outcome unknown (a peer timed out, the call was cancelled): the
@@ -635,7 +640,7 @@ class _Payment:
         )
         if result.code in _OK_CODES:
             return result.transfer
-        await release_quietly(self.peers, self.reservation_id)
+        # Refused: the caller frees the reservation once the refusal is recorded.
         if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
             raise FailedPrecondition(
                 "insufficient funds",
@@ -926,6 +931,22 @@ async def _resumed_payment(
     )  # fmt: skip
 
 
+async def abandon_payment(
+    pool: asyncpg.Pool, peers: Peers, payment: asyncpg.Record, lease: Lease
+) -> bool:
+    """A reconciler's verdict on a payment the ledger never got: failed, and
+    its budget freed, if the reconciler still holds it (``lease``). False
+    when another attempt took it over meanwhile: its outcome stands."""
+    async with pool.acquire() as conn:
+        failed = await store.fail_payment(
+            conn, payment["payment_id"], "PAYMENT_ABANDONED",
+            "the payment did not complete; nothing moved", lease=lease,
+        )  # fmt: skip
+    if failed:
+        await release_quietly(peers, payment_reservation(payment))
+    return failed
+
+
 async def reconcile_stale_payments(
     pool: asyncpg.Pool, peers: Peers, older_than: float = 60.0
 ) -> int:
@@ -950,21 +971,18 @@ async def reconcile_stale_payments(
             attempt = await _resumed_payment(pool, peers, payment)
             placed = await peers.lookup_transfer(pid)
             if placed is None or attempt is None:
-                await release_quietly(peers, payment_reservation(payment))
-                async with pool.acquire() as conn:
-                    await store.fail_payment(
-                        conn,
-                        pid,
-                        "PAYMENT_ABANDONED",
-                        "the payment did not complete; nothing moved",
-                    )
+                if not await abandon_payment(pool, peers, payment, lease):
+                    continue  # a retry took over while this stalled: its outcome stands
                 outcome = "FAILED"
             else:
                 try:
-                    outcome = (await attempt.settle(placed)).status
+                    with leases.holding(lease):
+                        outcome = (await attempt.settle(placed)).status
                 except FailedPrecondition as refusal:
                     async with pool.acquire() as conn:
-                        await store.fail_payment(conn, pid, refusal.reason, refusal.message)
+                        await store.fail_payment(
+                            conn, pid, refusal.reason, refusal.message, lease=lease
+                        )
                     outcome = "FAILED"
             log.warning("payment_reconciled", payment_id=str(pid), outcome=outcome)
             settled += 1
@@ -1223,7 +1241,7 @@ async def _settle_lapsed_review(pool: asyncpg.Pool, peers: Peers, payment: async
     async with pool.acquire() as conn, conn.transaction():
         await history.set_status(conn, payment["payment_id"], "EXPIRED")
         await store.fail_payment(conn, payment["payment_id"], "REVIEW_EXPIRED",
-                                 "the transfer was not confirmed in time")  # fmt: skip
+                                 "the transfer was not confirmed in time", lease=None)  # fmt: skip
 
 
 async def settle_lapsed_reviews(pool: asyncpg.Pool, peers: Peers) -> int:

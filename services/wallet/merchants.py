@@ -565,7 +565,9 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                 # Refused before any money moved: final for this key (a
                 # retry replays it), and a QR code becomes payable again.
                 refused = cast(MonetaError, exc)
-                if not await store.fail_payment(conn, pid, refused.reason, refused.message, lease):
+                if not await store.fail_payment(
+                    conn, pid, refused.reason, refused.message, lease=lease
+                ):
                     # This attempt outlived its lease: another one holds the
                     # payment (or finished it), and its outcome is the payment's.
                     raise AttemptExpired() from exc
@@ -573,9 +575,12 @@ async def pay_merchant(pool: asyncpg.Pool, peers: Peers, cmd: PayMerchantCommand
                 # Outcome unknown: the next attempt, or the reconciler, asks
                 # the ledger whether the money moved.
                 await store.release_lease(conn, pid, lease)
-        if refused_early and not fresh:
-            # What an earlier attempt reserved is freed now, not at its ttl.
-            await handlers.release_quietly(peers, handlers.payment_reservation(payment))
+        if refused_early and (not fresh or step.reservation_id is not None):
+            # What this or an earlier attempt reserved is freed now, not at
+            # its ttl: only once the refusal is recorded under this attempt's
+            # lease, as a retry that took over may have reserved (and moved
+            # money) under the same name.
+            await handlers.release_quietly(peers, handlers.reservation_of(step.reservation_id, pid))
         raise
 
 
@@ -654,7 +659,7 @@ class _MerchantPayment:
         )
         if result.code in _OK_CODES:
             return
-        await handlers.release_quietly(self.peers, self.reservation_id)
+        # Refused: the caller frees the reservation once the refusal is recorded.
         if result.code == ledger_pb2.TransferResult.INSUFFICIENT_FUNDS:
             raise FailedPrecondition(
                 "insufficient funds",
@@ -783,16 +788,10 @@ async def reconcile_stale_merchant_payments(
                     payment["currency"], payment["reference"],
                 )  # fmt: skip
                 outcome = "COMPLETED"
-            else:
-                await handlers.release_quietly(peers, handlers.payment_reservation(payment))
-                async with pool.acquire() as conn:
-                    await store.fail_payment(
-                        conn,
-                        pid,
-                        "PAYMENT_ABANDONED",
-                        "the payment did not complete; nothing moved",
-                    )
+            elif await handlers.abandon_payment(pool, peers, payment, lease):
                 outcome = "FAILED"
+            else:
+                continue  # a retry took over while this stalled: its outcome stands
             log.warning("merchant_payment_reconciled", payment_id=str(pid), outcome=outcome)
             settled += 1
         except MonetaError as exc:

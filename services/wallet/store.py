@@ -309,10 +309,11 @@ async def complete_payment(conn: DbConn, payment_id: uuid.UUID, sender_balance: 
 
 
 async def fail_payment(
-    conn: DbConn, payment_id: uuid.UUID, reason: str, message: str, lease: Lease | None = None
+    conn: DbConn, payment_id: uuid.UUID, reason: str, message: str, *, lease: Lease | None
 ) -> bool:
     """Records the payment's refusal; False when it is finished already or,
-    given the ``lease`` of the attempt recording it, no longer leased to it."""
+    given the ``lease`` of the attempt recording it, no longer leased to it
+    (None only where no lease is taken: a lapsed review, under its row lock)."""
     status = await conn.execute(
         """
         UPDATE payments SET status = 'FAILED', failure_reason = $2, failure_message = $3,

@@ -27,7 +27,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.infra import redis_client
-from services.wallet import banking, fx, handlers, merchants, store
+from services.wallet import banking, fx, handlers, leases, merchants, store
 from services.wallet.balance_cache import BalanceCache
 from services.wallet.domain import payment_id
 from services.wallet.peers import Peers
@@ -36,7 +36,7 @@ from tests.e2e.conftest import Mesh, Person, budgeted_person, create_person, onl
 
 Stub = wallet_pb2_grpc.WalletServiceStub
 T = TypeVar("T")
-WAIT_SECONDS = 10.0
+WAIT_SECONDS = 15.0
 
 
 class Stalling(Peers):
@@ -81,6 +81,35 @@ class StallThenDecline(Stalling):
         )
 
 
+class StallAfterLedger(Stalling):
+    """Stalls right after the ledger answered, and counts its budget
+    releases."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.released: list[str] = []
+
+    async def create_transfers(
+        self, transfers: Sequence[ledger_pb2.Transfer]
+    ) -> list[ledger_pb2.TransferResult]:
+        results = await super().create_transfers(transfers)
+        await self.stall()
+        return results
+
+    async def release(self, reservation_id: str) -> None:
+        self.released.append(reservation_id)
+        await super().release(reservation_id)
+
+
+class StallInLookup(Stalling):
+    """Stalls when it asks the ledger for a transfer (a reconciler's first
+    question), then answers."""
+
+    async def lookup_transfer(self, transfer_id: uuid.UUID) -> ledger_pb2.Transfer | None:
+        await self.stall()
+        return await super().lookup_transfer(transfer_id)
+
+
 @dataclass
 class Wallet:
     pool: asyncpg.Pool
@@ -106,13 +135,14 @@ async def stalled_attempt(
     attempt: Awaitable[T],
     monkeypatch: pytest.MonkeyPatch,
     leased: tuple[str, str, uuid.UUID],
+    seconds: float = 1.0,
 ) -> asyncio.Task[T]:
-    """Starts ``attempt`` with leases of 1 s, waits until it has stalled and
-    its lease (on the row ``leased``: table, key column, id) has run out by
-    the database's clock, then puts leases back to their usual length for
-    whoever comes next."""
+    """Starts ``attempt`` with leases of ``seconds``, waits until it has
+    stalled and its lease (on the row ``leased``: table, key column, id) has
+    run out by the database's clock, then puts leases back to their usual
+    length for whoever comes next."""
     usual = handlers.LEASE_SECONDS
-    monkeypatch.setattr(handlers, "LEASE_SECONDS", 1.0)
+    monkeypatch.setattr(handlers, "LEASE_SECONDS", seconds)
     task = asyncio.ensure_future(attempt)
     try:
         await asyncio.wait_for(stalling.stalled.wait(), WAIT_SECONDS)
@@ -133,6 +163,13 @@ async def lease_lapsed(pool: asyncpg.Pool, table: str, key: str, row_id: uuid.UU
     ):
         assert asyncio.get_running_loop().time() < deadline, "the lease never lapsed"
         await asyncio.sleep(0.05)
+
+
+async def still_processing_under(pool: asyncpg.Pool, pid: uuid.UUID) -> Any:
+    """The lease a payment still PROCESSING is held under."""
+    row = await pool.fetchrow("SELECT status, lease_until FROM payments WHERE payment_id = $1", pid)
+    assert row is not None and row["status"] == "PROCESSING"
+    return row["lease_until"]
 
 
 async def freeze(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> None:
@@ -289,11 +326,85 @@ async def test_a_p2p_attempt_refused_after_its_lease_lapsed_records_nothing(
         stalling.resume.set()
         await stalling.close()
 
-    row = await wallet.pool.fetchrow(
-        "SELECT status, lease_until FROM payments WHERE payment_id = $1", pid
-    )
-    assert row is not None
-    assert (row["status"], row["lease_until"]) == ("PROCESSING", second.until)
+    assert await still_processing_under(wallet.pool, pid) == second.until
+
+
+async def test_a_p2p_attempt_refused_by_the_ledger_after_its_lease_lapsed_frees_no_budget(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reservation is named after the payment, so a retry that took
+    over reserves (and spends) under the same name: a stalled attempt that
+    wakes to the ledger's refusal must not free it."""
+    payer = await budgeted_person(wallet_stub, http, mesh, "10.00", "P2P", "30")
+    friend = await create_person(wallet_stub, http, mesh, "0")
+    cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 2000, "USD", "zz")
+    pid = payment_id(uuid.UUID(payer.user_id), "zz")
+    stalling = mesh.peers(wallet.cache, StallAfterLedger)
+    assert isinstance(stalling, StallAfterLedger)
+    try:
+        # A lease long enough for the ledger call to be sent at all.
+        first = await stalled_attempt(
+            wallet.pool, stalling, handlers.transfer(wallet.pool, stalling, cmd), monkeypatch,
+            ("payments", "payment_id", pid), stalling.timeout + leases.MARGIN_SECONDS + 0.5,
+        )  # fmt: skip
+        async with wallet.pool.acquire() as conn:
+            second = await store.take_lease(conn, pid, handlers.LEASE_SECONDS)
+        assert second is not None  # the next attempt is at work, on the same reservation
+        stalling.resume.set()
+
+        with pytest.raises(AttemptExpired):
+            await first  # not INSUFFICIENT_FUNDS: the payment is the next attempt's now
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    assert stalling.released == []
+    assert await budget_of(http, mesh, payer) == ("0.00", "20.00")
+    assert await still_processing_under(wallet.pool, pid) == second.until
+
+
+async def test_a_reconciler_stalled_past_its_lease_fails_no_payment_another_attempt_holds(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    payer = await create_person(wallet_stub, http, mesh, "50.00")
+    friend = await create_person(wallet_stub, http, mesh, "0")
+    cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 700, "USD", "zz")
+    pid = payment_id(uuid.UUID(payer.user_id), "zz")
+    # An attempt that gave up with its outcome unknown: PROCESSING, no lease.
+    gave_up = mesh.peers(wallet.cache, StallThenFraudDown)
+    assert isinstance(gave_up, Stalling)
+    gave_up.resume.set()
+    try:
+        with pytest.raises(Unavailable):
+            await handlers.transfer(wallet.pool, gave_up, cmd)
+    finally:
+        await gave_up.close()
+
+    stalling = mesh.peers(wallet.cache, StallInLookup)
+    assert isinstance(stalling, Stalling)
+    try:
+        reconciling = await stalled_attempt(
+            wallet.pool, stalling, handlers.reconcile_stale_payments(wallet.pool, stalling, 0.0),
+            monkeypatch, ("payments", "payment_id", pid),
+        )  # fmt: skip
+        async with wallet.pool.acquire() as conn:
+            second = await store.take_lease(conn, pid, handlers.LEASE_SECONDS)
+        assert second is not None  # a retry is at work on it now
+        stalling.resume.set()
+        assert await asyncio.wait_for(reconciling, WAIT_SECONDS) == 0
+    finally:
+        stalling.resume.set()
+        await stalling.close()
+
+    assert await still_processing_under(wallet.pool, pid) == second.until
 
 
 # ---------------------------------------------------------------- withdrawals
