@@ -348,7 +348,7 @@ async def _take_lease(
     seconds, started = handlers.LEASE_SECONDS, leases.clock()
     record = await conn.fetchrow(
         f"""
-        UPDATE bank_transfers SET lease_until = now() + make_interval(secs => $2),
+        UPDATE bank_transfers SET lease_until = clock_timestamp() + make_interval(secs => $2),
                                   updated_at = now()
          WHERE transfer_id = $1 AND status = 'PROCESSING'
            AND (lease_until IS NULL OR lease_until < now())
@@ -591,7 +591,7 @@ async def _request_bank_transfer(
             INSERT INTO bank_transfers ({_TRANSFER_COLUMNS})
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING', $10,
                     NULL, NULL, NULL, NULL, now(), now(), NULL,
-                    now() + make_interval(secs => $11), NULL)
+                    clock_timestamp() + make_interval(secs => $11), NULL)
             ON CONFLICT DO NOTHING
             RETURNING lease_until
             """,

@@ -174,7 +174,7 @@ async def _take_lease(conn: DbConn, exchange_id: uuid.UUID) -> leases.Lease | No
     seconds, started = handlers.LEASE_SECONDS, leases.clock()
     until = await conn.fetchval(
         """
-        UPDATE fx_exchanges SET lease_until = now() + make_interval(secs => $2), updated_at = now()
+        UPDATE fx_exchanges SET lease_until = clock_timestamp() + make_interval(secs => $2), updated_at = now()
          WHERE exchange_id = $1 AND status = 'PROCESSING'
            AND (lease_until IS NULL OR lease_until < now())
         RETURNING lease_until

@@ -212,7 +212,7 @@ async def claim_payment(
                                   request_hash, recipient_user_id, amount, currency, note,
                                   status, lease_until)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PROCESSING',
-                    now() + make_interval(secs => $10))
+                    clock_timestamp() + make_interval(secs => $10))
             ON CONFLICT DO NOTHING
             RETURNING {_PAYMENT_COLUMNS}, true AS fresh
         )
@@ -252,7 +252,7 @@ async def take_lease(conn: DbConn, payment_id: uuid.UUID, seconds: float) -> Lea
     started = clock()
     until = await conn.fetchval(
         """
-        UPDATE payments SET lease_until = now() + make_interval(secs => $2), updated_at = now()
+        UPDATE payments SET lease_until = clock_timestamp() + make_interval(secs => $2), updated_at = now()
          WHERE payment_id = $1 AND status IN ('PROCESSING', 'PENDING_REVIEW')
            AND (lease_until IS NULL OR lease_until < now())
         RETURNING lease_until
