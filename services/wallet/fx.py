@@ -229,10 +229,11 @@ def _replay(exchange: asyncpg.Record | None) -> ExchangeOutcome | None:
 
 async def _claim_quote(
     conn: DbConn, user_id: uuid.UUID, quote_id: uuid.UUID, exchange_id: uuid.UUID, key: str
-) -> bool:
-    """Records the execution of the quote under the key, in one transaction;
-    False when it was recorded already (a retry). Refuses a quote that is not
-    the user's, has expired, or is executed (or being executed) by another
+) -> leases.Lease | None:
+    """Records the execution of the quote under the key, in one transaction,
+    leased to this attempt from the moment it exists (the lease); None when
+    it was recorded already (a retry). Refuses a quote that is not the
+    user's, has expired, or is executed (or being executed) by another
     request."""
     async with conn.transaction():
         # Locked: concurrent executions of one quote take turns here.
@@ -248,7 +249,7 @@ async def _claim_quote(
                     "this idempotency key was used for a different request",
                     reason="IDEMPOTENCY_KEY_REUSED",
                 )
-            return False
+            return None
         if quote is None or quote["user_id"] != user_id:
             raise NotFound("no such quote", reason="QUOTE_NOT_FOUND")
         if quote["exchange_id"] is not None:
@@ -268,20 +269,24 @@ async def _claim_quote(
                 reason="QUOTE_EXPIRED",
                 details={"expired_at": quote["expires_at"].isoformat()},
             )
-        await conn.execute(
+        seconds, started = handlers.LEASE_SECONDS, leases.clock()
+        until = await conn.fetchval(
             """
-            INSERT INTO fx_exchanges (exchange_id, user_id, idempotency_key, quote_id, status)
-            VALUES ($1, $2, $3, $4, 'PROCESSING')
+            INSERT INTO fx_exchanges (exchange_id, user_id, idempotency_key, quote_id, status,
+                                      lease_until)
+            VALUES ($1, $2, $3, $4, 'PROCESSING', clock_timestamp() + make_interval(secs => $5))
+            RETURNING lease_until
             """,
             exchange_id,
             user_id,
             key,
             quote_id,
+            seconds,
         )
         await conn.execute(
             "UPDATE fx_quotes SET exchange_id = $2 WHERE quote_id = $1", quote_id, exchange_id
         )
-    return True
+    return leases.Lease(until, started, seconds)
 
 
 async def execute_exchange(
@@ -296,7 +301,9 @@ async def execute_exchange(
         wallet = await store.fetch_wallet(conn, user_id=uid)
         if wallet is None:
             raise NotFound("no such wallet", reason="WALLET_NOT_FOUND")
-        fresh = await _claim_quote(conn, uid, qid, exchange_id, key)
+        # Leased as it is recorded: no other attempt (nor the reconciler)
+        # can take a fresh execution over before this one has looked.
+        claimed = await _claim_quote(conn, uid, qid, exchange_id, key)
         exchange = await _fetch_exchange(conn, exchange_id)
         quote = await conn.fetchrow(
             f"SELECT {_QUOTE_COLUMNS} FROM fx_quotes WHERE quote_id = $1", qid
@@ -305,16 +312,18 @@ async def execute_exchange(
     replayed = _replay(exchange)
     if replayed is not None:
         return replayed
-    async with pool.acquire() as conn:
-        lease = await _take_lease(conn, exchange_id)
-        if lease is None:
-            replayed = _replay(await _fetch_exchange(conn, exchange_id))
-            if replayed is not None:
-                return replayed
-            raise Aborted(
-                "the same request is still in progress; retry shortly",
-                reason="REQUEST_IN_PROGRESS",
-            )
+    fresh, lease = claimed is not None, claimed
+    if lease is None:
+        async with pool.acquire() as conn:
+            lease = await _take_lease(conn, exchange_id)
+            if lease is None:
+                replayed = _replay(await _fetch_exchange(conn, exchange_id))
+                if replayed is not None:
+                    return replayed
+                raise Aborted(
+                    "the same request is still in progress; retry shortly",
+                    reason="REQUEST_IN_PROGRESS",
+                )
     step = _Exchange(pool, peers, exchange_id, wallet, quote)
     try:
         with leases.holding(lease):

@@ -623,3 +623,44 @@ async def test_a_withdrawal_refused_after_its_lease_lapsed_records_nothing(
     )
     assert row is not None
     assert (row["status"], row["lease_until"]) == ("PROCESSING", second[1].until)
+
+
+async def test_a_fresh_exchange_is_leased_from_the_moment_it_is_recorded(
+    mesh: Mesh,
+    http: httpx.AsyncClient,
+    wallet_stub: Stub,
+    wallet: Wallet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No gap between recording an execution and leasing it: otherwise a
+    retry could take it over in between, and the first attempt, believing
+    itself fresh, would not ask the ledger what the retry did."""
+    person = await create_person(wallet_stub, http, mesh, "30.00")
+    quoted = await http.post(
+        "/api/v1/exchange/quotes",
+        json={"user_id": person.user_id, "from_currency": "USD", "to_currency": "EUR",
+              "amount": "10.00"},
+        headers=mesh.auth(person.user_id),
+    )  # fmt: skip
+    assert quoted.status_code == 201, quoted.text
+    seen: list[Any] = []
+    claim = fx._claim_quote
+
+    async def watched(*args: Any) -> Any:
+        lease = await claim(*args)
+        row = await wallet.pool.fetchrow(
+            "SELECT lease_until, lease_until > now() AS held FROM fx_exchanges"
+            " WHERE exchange_id = $1",
+            args[3],
+        )
+        seen.append((lease, row))
+        return lease
+
+    monkeypatch.setattr(fx, "_claim_quote", watched)
+    outcome = await fx.execute_exchange(
+        wallet.pool, wallet.peers, user_id=person.user_id, quote_id=quoted.json()["quote_id"],
+        idempotency_key="zz",
+    )  # fmt: skip
+    assert outcome.status == "COMPLETED"
+    [(lease, row)] = seen
+    assert lease is not None and row["held"] and row["lease_until"] == lease.until
