@@ -104,9 +104,20 @@ def error_body(
     }
 
 
+# 409s that a retry with the same idempotency key may get past, with the
+# seconds worth waiting first. Other 409s (a reused key, a quote used
+# already) are final.
+RETRY_AFTER_REASONS = {
+    "REQUEST_IN_PROGRESS": 1,  # the same request is still at work
+    "ATTEMPT_EXPIRED": 1,  # an attempt that stalled moved nothing
+    "QUOTE_IN_USE": 1,  # another request is executing the quote
+}
+
+
 def error_response(exc: MonetaError) -> JsonResponse:
-    """The HTTP answer for a refusal: the envelope, and Retry-After on 429
-    and 503. A 500 says only the request id, never what went wrong."""
+    """The HTTP answer for a refusal: the envelope, and Retry-After on 429,
+    503 and the 409s a retry may get past. A 500 says only the request id,
+    never what went wrong."""
     status = HTTP_STATUS.get(exc.status_code, 500)
     message, details = exc.message, exc.details
     if status >= 500 and status not in (503, 504):
@@ -114,7 +125,7 @@ def error_response(exc: MonetaError) -> JsonResponse:
     response = JsonResponse(
         error_body(status, exc.status_code.name, exc.reason, message, details), status_code=status
     )
-    retry_after = getattr(exc, "retry_after", None)
+    retry_after = getattr(exc, "retry_after", None) or RETRY_AFTER_REASONS.get(exc.reason)
     if retry_after is not None or status in (429, 503):
         response.headers["Retry-After"] = str(retry_after or 1)
     return response

@@ -14,8 +14,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from services.common.errors import Aborted, AlreadyExists, AttemptExpired, MonetaError
 from services.gateway.app import create_app, json_depth_exceeds
 from services.gateway.config import GatewaySettings
+from services.gateway.deps import error_response
 
 MAX_BODY = 1024
 
@@ -198,3 +200,20 @@ async def test_docs_render(client: httpx.AsyncClient) -> None:
 
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert schema.status_code == 200 and schema.json()["info"]["title"] == "Moneta API"
+
+
+@pytest.mark.parametrize(
+    ("refusal", "retry_after"),
+    [
+        (Aborted("still at work", reason="REQUEST_IN_PROGRESS"), "1"),
+        (AttemptExpired(), "1"),
+        (AlreadyExists("key reused", reason="IDEMPOTENCY_KEY_REUSED"), None),
+        (AlreadyExists("used", reason="QUOTE_ALREADY_USED"), None),
+    ],
+)
+def test_a_409_a_retry_may_get_past_says_when_to_retry_and_a_final_one_does_not(
+    refusal: MonetaError, retry_after: str | None
+) -> None:
+    response = error_response(refusal)
+    assert response.status_code == 409
+    assert response.headers.get("Retry-After") == retry_after
