@@ -13,7 +13,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import grpc
 import httpx
 import pytest
@@ -21,7 +23,9 @@ import pytest
 from moneta.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from moneta.ledger.v1 import ledger_pb2
 from moneta.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from services.common.db import create_pool
 from services.common.errors import Unavailable
+from services.common.infra import redis_client
 from services.gateway.auth import TokenVerifier
 from services.wallet.balance_cache import BalanceCache
 from services.wallet.peers import Peers
@@ -31,6 +35,8 @@ from tests.processes import die_with_parent
 GRPC_SERVICES = ("ledger", "wallet", "budget", "fraud")
 JWT_SECRET = "e2e-test-secret-0123456789abcdef0123456789"
 BANK_WEBHOOK_SECRET = "e2e-bank-webhook-secret"
+ACCOUNT_NUMBER = "000123456789"
+ROUTING_NUMBER = "021000021"
 STARTUP_SECONDS = 90.0
 
 
@@ -294,3 +300,81 @@ async def only_budget(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> di
     assert response.status_code == 200, response.text
     [budget] = response.json()["budgets"]
     return dict(budget)
+
+
+async def budget_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> tuple[str, str]:
+    """(used, reserved) of the person's one budget."""
+    budget = await only_budget(http, mesh, person)
+    return budget["used_amount"], budget["reserved_amount"]
+
+
+async def wallet_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> dict[str, Any]:
+    response = await http.get(f"/api/v1/wallets/{person.user_id}", headers=mesh.admin())
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def usd(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> dict[str, str]:
+    """The person's USD balance: available, pending, posted."""
+    wallet = await wallet_of(http, mesh, person)
+    for balance in wallet["balances"]:
+        if balance["currency"] == "USD":
+            return {k: balance[k] for k in ("available", "pending", "posted")}
+    return {"available": "0.00", "pending": "0.00", "posted": "0.00"}
+
+
+async def link_account(
+    http: httpx.AsyncClient, mesh: Mesh, person: Person, number: str = ACCOUNT_NUMBER
+) -> str:
+    response = await http.post(
+        "/api/v1/wallet/bank-accounts",
+        json={
+            "user_id": person.user_id,
+            "account_number": number,
+            "routing_number": ROUTING_NUMBER,
+            "holder_name": "Test Holder",
+        },
+        headers=mesh.auth(person.user_id),
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["bank_account_id"])
+
+
+async def create_merchant(http: httpx.AsyncClient, mesh: Mesh, currency: str = "USD") -> str:
+    response = await http.post(
+        "/api/v1/merchants",
+        json={"name": f"Cafe {uuid.uuid4().hex[:6]}", "currency": currency},
+        headers=mesh.admin(),
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["merchant_id"])
+
+
+@dataclass
+class InProcess:
+    """The wallet's code run in the test's own process, against the mesh's
+    database, cache and peers: to interrupt a payment where no API can."""
+
+    pool: asyncpg.Pool
+    cache: BalanceCache
+    peers: Peers
+    lossy: Peers
+    down: Peers
+
+
+@pytest.fixture
+async def in_process(test_run: TestRun, mesh: Mesh) -> AsyncIterator[InProcess]:
+    pool = await create_pool(test_run.database_url("wallet"))
+    redis = redis_client(test_run.settings.redis_url)
+    cache = BalanceCache(redis, test_run.redis_prefix)
+    peers, lossy, down = (
+        mesh.peers(cache),
+        mesh.peers(cache, AnswerLost),
+        mesh.peers(cache, LedgerDown),
+    )
+    yield InProcess(pool, cache, peers, lossy, down)
+    for each in (peers, lossy, down):
+        await each.close()
+    await redis.aclose()
+    await pool.close()

@@ -41,25 +41,29 @@ from services.wallet.domain import wallet_id_for
 from services.wallet.peers import Peers
 from tests.conftest import ROOT, TestRun, service_pool
 from tests.e2e.conftest import (
+    ACCOUNT_NUMBER,
     BANK_WEBHOOK_SECRET,
+    ROUTING_NUMBER,
     AnswerLost,
     LedgerDown,
     Mesh,
     Person,
     block_user,
+    budget_of,
     budgeted_person,
     create_person,
     fraud_case,
     free_port,
+    link_account,
     only_budget,
     set_pin,
+    usd,
+    wallet_of,
 )
 from tests.processes import die_with_parent
 
 # The secret the mesh's gateway checks webhooks with.
 WEBHOOK_SECRET = BANK_WEBHOOK_SECRET
-ACCOUNT_NUMBER = "000123456789"
-ROUTING_NUMBER = "021000021"
 
 
 # -- helpers
@@ -82,23 +86,6 @@ async def peers(test_run: TestRun, mesh: Mesh) -> AsyncIterator[Peers]:
     yield ledger
     await ledger.close()
     await redis.aclose()
-
-
-async def link_account(
-    http: httpx.AsyncClient, mesh: Mesh, person: Person, number: str = ACCOUNT_NUMBER
-) -> str:
-    response = await http.post(
-        "/api/v1/wallet/bank-accounts",
-        json={
-            "user_id": person.user_id,
-            "account_number": number,
-            "routing_number": ROUTING_NUMBER,
-            "holder_name": "Test Holder",
-        },
-        headers=mesh.auth(person.user_id),
-    )
-    assert response.status_code == 201, response.text
-    return str(response.json()["bank_account_id"])
 
 
 async def bank_transfer(
@@ -149,22 +136,6 @@ async def webhook(
         payload["reason"] = reason
     body = json.dumps(payload).encode()
     return await http.post("/api/v1/webhooks/bank", content=body, headers=signed(body, secret, at))
-
-
-async def wallet_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> dict[str, Any]:
-    response = await http.get(f"/api/v1/wallets/{person.user_id}", headers=mesh.admin())
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-async def usd(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> dict[str, str]:
-    """The person's USD balance: available, pending, posted."""
-    wallet = await wallet_of(http, mesh, person)
-    for balance in wallet["balances"]:
-        if balance["currency"] == "USD":
-            return {k: balance[k] for k in ("available", "pending", "posted")}
-    return {"available": "0.00", "pending": "0.00", "posted": "0.00"}
 
 
 async def verified(http: httpx.AsyncClient, mesh: Mesh) -> int:
@@ -762,12 +733,6 @@ async def test_a_withdrawal_is_budgeted_and_a_failed_or_returned_one_gives_the_b
         "posted": "100.00",
     }
     await verified(http, mesh)
-
-
-async def budget_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> tuple[str, str]:
-    """(used, reserved) of the person's one budget."""
-    budget = await only_budget(http, mesh, person)
-    return budget["used_amount"], budget["reserved_amount"]
 
 
 async def interrupted_withdrawal(

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import httpx
@@ -19,20 +20,26 @@ import pytest
 from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2
 from moneta.wallet.v1 import wallet_pb2_grpc
-from services.common.db import create_pool
 from services.common.errors import (
     Aborted,
     AttemptExpired,
     FailedPrecondition,
     Unavailable,
 )
-from services.common.infra import redis_client
 from services.wallet import banking, fx, handlers, leases, merchants, store
-from services.wallet.balance_cache import BalanceCache
 from services.wallet.domain import payment_id
 from services.wallet.peers import Peers
-from tests.conftest import TestRun
-from tests.e2e.conftest import Mesh, Person, budgeted_person, create_person, only_budget
+from tests.e2e.conftest import (
+    InProcess,
+    Mesh,
+    Person,
+    budget_of,
+    budgeted_person,
+    create_merchant,
+    create_person,
+    link_account,
+    usd,
+)
 
 Stub = wallet_pb2_grpc.WalletServiceStub
 T = TypeVar("T")
@@ -111,48 +118,55 @@ class StallInLookup(Stalling):
 
 
 @dataclass
-class Wallet:
-    pool: asyncpg.Pool
-    cache: BalanceCache
-    peers: Peers
+class Stall(Generic[T]):
+    """An attempt stalled past its lease; ``resume`` lets it go on."""
+
+    peers: Stalling
+    task: asyncio.Task[T]
+
+    async def resume(self) -> T:
+        """The attempt's outcome, once resumed."""
+        self.peers.resume.set()
+        return await asyncio.wait_for(self.task, WAIT_SECONDS)
+
+
+Staller = Callable[..., AbstractAsyncContextManager[Stall[Any]]]
 
 
 @pytest.fixture
-async def wallet(test_run: TestRun, mesh: Mesh) -> AsyncIterator[Wallet]:
-    pool = await create_pool(test_run.database_url("wallet"))
-    redis = redis_client(test_run.settings.redis_url)
-    cache = BalanceCache(redis, test_run.redis_prefix)
-    peers = mesh.peers(cache)
-    yield Wallet(pool, cache, peers)
-    await peers.close()
-    await redis.aclose()
-    await pool.close()
-
-
-async def stalled_attempt(
-    pool: asyncpg.Pool,
-    stalling: Stalling,
-    attempt: Awaitable[T],
-    monkeypatch: pytest.MonkeyPatch,
-    leased: tuple[str, str, uuid.UUID],
-    seconds: float = 1.0,
-) -> asyncio.Task[T]:
-    """Starts ``attempt`` with leases of ``seconds``, waits until it has
+def stall(mesh: Mesh, in_process: InProcess, monkeypatch: pytest.MonkeyPatch) -> Staller:
+    """``stall(kind, attempt, leased, seconds=1.0)``: starts ``attempt(peers)``
+    with peers of ``kind`` and leases of ``seconds``, waits until it has
     stalled and its lease (on the row ``leased``: table, key column, id) has
-    run out by the database's clock, then puts leases back to their usual
-    length for whoever comes next."""
-    usual = handlers.LEASE_SECONDS
-    monkeypatch.setattr(handlers, "LEASE_SECONDS", seconds)
-    task = asyncio.ensure_future(attempt)
-    try:
-        await asyncio.wait_for(stalling.stalled.wait(), WAIT_SECONDS)
-        await lease_lapsed(pool, *leased)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        monkeypatch.setattr(handlers, "LEASE_SECONDS", usual)
-    return task
+    run out by the database's clock, puts leases back to their usual length
+    for whoever comes next, and gives the stalled attempt to the block."""
+
+    @asynccontextmanager
+    async def stalled(
+        kind: type[Stalling],
+        attempt: Callable[[Peers], Awaitable[T]],
+        leased: tuple[str, str, uuid.UUID],
+        seconds: float = 1.0,
+    ) -> AsyncIterator[Stall[T]]:
+        peers = mesh.peers(in_process.cache, kind)
+        assert isinstance(peers, Stalling)
+        usual = handlers.LEASE_SECONDS
+        monkeypatch.setattr(handlers, "LEASE_SECONDS", seconds)
+        task = asyncio.ensure_future(attempt(peers))
+        try:
+            try:
+                await asyncio.wait_for(peers.stalled.wait(), WAIT_SECONDS)
+                await lease_lapsed(in_process.pool, *leased)
+            finally:
+                monkeypatch.setattr(handlers, "LEASE_SECONDS", usual)
+            yield Stall(peers, task)
+        finally:
+            peers.resume.set()
+            if not task.done():
+                task.cancel()
+            await peers.close()
+
+    return stalled
 
 
 async def lease_lapsed(pool: asyncpg.Pool, table: str, key: str, row_id: uuid.UUID) -> None:
@@ -165,9 +179,11 @@ async def lease_lapsed(pool: asyncpg.Pool, table: str, key: str, row_id: uuid.UU
         await asyncio.sleep(0.05)
 
 
-async def still_processing_under(pool: asyncpg.Pool, pid: uuid.UUID) -> Any:
-    """The lease a payment still PROCESSING is held under."""
-    row = await pool.fetchrow("SELECT status, lease_until FROM payments WHERE payment_id = $1", pid)
+async def still_processing_under(
+    pool: asyncpg.Pool, row_id: uuid.UUID, table: str = "payments", key: str = "payment_id"
+) -> Any:
+    """The lease a row still PROCESSING is held under."""
+    row = await pool.fetchrow(f"SELECT status, lease_until FROM {table} WHERE {key} = $1", row_id)
     assert row is not None and row["status"] == "PROCESSING"
     return row["lease_until"]
 
@@ -182,28 +198,16 @@ async def freeze(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> None:
     assert response.status_code == 200, response.text
 
 
-async def usd_available(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> str:
-    response = await http.get(f"/api/v1/wallets/{person.user_id}", headers=mesh.admin())
-    assert response.status_code == 200, response.text
-    [usd] = [b for b in response.json()["balances"] if b["currency"] == "USD"]
-    return str(usd["available"])
-
-
-async def budget_of(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> tuple[str, str]:
-    """(used, reserved) of the person's one budget."""
-    budget = await only_budget(http, mesh, person)
-    return budget["used_amount"], budget["reserved_amount"]
-
-
-async def link_account(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> str:
-    response = await http.post(
-        "/api/v1/wallet/bank-accounts",
-        json={"user_id": person.user_id, "account_number": "000123456789",
-              "routing_number": "021000021", "holder_name": "Test Holder"},
+async def usd_to_eur_quote(http: httpx.AsyncClient, mesh: Mesh, person: Person) -> str:
+    """A quote for exchanging 10.00 USD of the person's into EUR."""
+    quoted = await http.post(
+        "/api/v1/exchange/quotes",
+        json={"user_id": person.user_id, "from_currency": "USD", "to_currency": "EUR",
+              "amount": "10.00"},
         headers=mesh.auth(person.user_id),
     )  # fmt: skip
-    assert response.status_code == 201, response.text
-    return str(response.json()["bank_account_id"])
+    assert quoted.status_code == 201, quoted.text
+    return str(quoted.json()["quote_id"])
 
 
 # ---------------------------------------------------------------- P2P
@@ -214,86 +218,76 @@ async def test_a_p2p_attempt_stalled_past_its_lease_moves_no_money(
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
     retry: str,
 ) -> None:
     payer = await budgeted_person(wallet_stub, http, mesh, "50.00", "P2P", "30")
     friend = await create_person(wallet_stub, http, mesh, "0")
     cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 2000, "USD", "zz")
     pid = payment_id(uuid.UUID(payer.user_id), "zz")
-    stalling = mesh.peers(wallet.cache, StallBeforeLedger)
-    assert isinstance(stalling, Stalling)
-    try:
-        first = await stalled_attempt(
-            wallet.pool, stalling, handlers.transfer(wallet.pool, stalling, cmd), monkeypatch,
-            ("payments", "payment_id", pid),
-        )  # fmt: skip
+    async with stall(
+        StallBeforeLedger, lambda peers: handlers.transfer(in_process.pool, peers, cmd),
+        ("payments", "payment_id", pid),
+    ) as first:  # fmt: skip
         if retry == "refused":
             await freeze(http, mesh, payer)
             with pytest.raises(FailedPrecondition) as refused:
-                await handlers.transfer(wallet.pool, wallet.peers, cmd)
+                await handlers.transfer(in_process.pool, in_process.peers, cmd)
             assert refused.value.reason == "WALLET_FROZEN"
         else:
-            assert (await handlers.transfer(wallet.pool, wallet.peers, cmd)).status == "COMPLETED"
-        stalling.resume.set()
+            assert (
+                await handlers.transfer(in_process.pool, in_process.peers, cmd)
+            ).status == "COMPLETED"
 
         with pytest.raises(AttemptExpired) as expired:
-            await first
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+            await first.resume()
 
     assert expired.value.reason == "ATTEMPT_EXPIRED"
-    moved = await wallet.peers.lookup_transfer(pid)
-    status = await wallet.pool.fetchval("SELECT status FROM payments WHERE payment_id = $1", pid)
+    moved = await in_process.peers.lookup_transfer(pid)
+    status = await in_process.pool.fetchval(
+        "SELECT status FROM payments WHERE payment_id = $1", pid
+    )
     if retry == "refused":
         assert moved is None
         assert status == "FAILED"
         assert await budget_of(http, mesh, payer) == ("0.00", "0.00")
-        assert await usd_available(http, mesh, payer) == "50.00"
+        assert (await usd(http, mesh, payer))["available"] == "50.00"
     else:
         assert moved is not None and moved.amount == 2000
         assert status == "COMPLETED"
         assert await budget_of(http, mesh, payer) == ("20.00", "0.00")
-        assert await usd_available(http, mesh, payer) == "30.00"
+        assert (await usd(http, mesh, payer))["available"] == "30.00"
 
 
 async def test_a_p2p_attempt_stalled_past_its_lease_leaves_the_next_attempts_lease_alone(
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
 ) -> None:
     payer = await create_person(wallet_stub, http, mesh, "50.00")
     friend = await create_person(wallet_stub, http, mesh, "0")
     cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 700, "USD", "zz")
     pid = payment_id(uuid.UUID(payer.user_id), "zz")
-    stalling = mesh.peers(wallet.cache, StallThenFraudDown)
-    assert isinstance(stalling, Stalling)
-    try:
-        first = await stalled_attempt(
-            wallet.pool, stalling, handlers.transfer(wallet.pool, stalling, cmd), monkeypatch,
-            ("payments", "payment_id", pid),
-        )  # fmt: skip
-        async with wallet.pool.acquire() as conn:
+    async with stall(
+        StallThenFraudDown, lambda peers: handlers.transfer(in_process.pool, peers, cmd),
+        ("payments", "payment_id", pid),
+    ) as first:  # fmt: skip
+        async with in_process.pool.acquire() as conn:
             second = await store.take_lease(conn, pid, handlers.LEASE_SECONDS)
         assert second is not None  # the next attempt (or the reconciler) is at work
-        stalling.resume.set()
 
         with pytest.raises(Unavailable):
-            await first  # and it gives up its lease, as it thinks
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+            await first.resume()  # and it gives up its lease, as it thinks
 
-    lease_until = await wallet.pool.fetchval(
+    lease_until = await in_process.pool.fetchval(
         "SELECT lease_until FROM payments WHERE payment_id = $1", pid
     )
     assert lease_until == second.until
     with pytest.raises(Aborted) as concurrent:
-        await handlers.transfer(wallet.pool, wallet.peers, cmd)
+        await handlers.transfer(in_process.pool, in_process.peers, cmd)
     assert concurrent.value.reason == "REQUEST_IN_PROGRESS"
 
 
@@ -301,40 +295,33 @@ async def test_a_p2p_attempt_refused_after_its_lease_lapsed_records_nothing(
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
 ) -> None:
     payer = await create_person(wallet_stub, http, mesh, "50.00")
     friend = await create_person(wallet_stub, http, mesh, "0")
     cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 700, "USD", "zz")
     pid = payment_id(uuid.UUID(payer.user_id), "zz")
-    stalling = mesh.peers(wallet.cache, StallThenDecline)
-    assert isinstance(stalling, Stalling)
-    try:
-        first = await stalled_attempt(
-            wallet.pool, stalling, handlers.transfer(wallet.pool, stalling, cmd), monkeypatch,
-            ("payments", "payment_id", pid),
-        )  # fmt: skip
-        async with wallet.pool.acquire() as conn:
+    async with stall(
+        StallThenDecline, lambda peers: handlers.transfer(in_process.pool, peers, cmd),
+        ("payments", "payment_id", pid),
+    ) as first:  # fmt: skip
+        async with in_process.pool.acquire() as conn:
             second = await store.take_lease(conn, pid, handlers.LEASE_SECONDS)
         assert second is not None  # the next attempt (or the reconciler) is at work
-        stalling.resume.set()
 
         with pytest.raises(AttemptExpired):
-            await first  # not TRANSACTION_DECLINED: the payment is the next attempt's now
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+            await first.resume()  # not TRANSACTION_DECLINED: the payment is the next attempt's now
 
-    assert await still_processing_under(wallet.pool, pid) == second.until
+    assert await still_processing_under(in_process.pool, pid) == second.until
 
 
 async def test_a_p2p_attempt_refused_by_the_ledger_after_its_lease_lapsed_frees_no_budget(
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
 ) -> None:
     """The reservation is named after the payment, so a retry that took
     over reserves (and spends) under the same name: a stalled attempt that
@@ -343,68 +330,55 @@ async def test_a_p2p_attempt_refused_by_the_ledger_after_its_lease_lapsed_frees_
     friend = await create_person(wallet_stub, http, mesh, "0")
     cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 2000, "USD", "zz")
     pid = payment_id(uuid.UUID(payer.user_id), "zz")
-    stalling = mesh.peers(wallet.cache, StallAfterLedger)
-    assert isinstance(stalling, StallAfterLedger)
-    try:
-        # A lease long enough for the ledger call to be sent at all.
-        first = await stalled_attempt(
-            wallet.pool, stalling, handlers.transfer(wallet.pool, stalling, cmd), monkeypatch,
-            ("payments", "payment_id", pid), stalling.timeout + leases.MARGIN_SECONDS + 0.5,
-        )  # fmt: skip
-        async with wallet.pool.acquire() as conn:
+    # A lease long enough for the ledger call to be sent at all.
+    async with stall(
+        StallAfterLedger, lambda peers: handlers.transfer(in_process.pool, peers, cmd),
+        ("payments", "payment_id", pid), in_process.peers.timeout + leases.MARGIN_SECONDS + 0.5,
+    ) as first:  # fmt: skip
+        async with in_process.pool.acquire() as conn:
             second = await store.take_lease(conn, pid, handlers.LEASE_SECONDS)
         assert second is not None  # the next attempt is at work, on the same reservation
-        stalling.resume.set()
 
         with pytest.raises(AttemptExpired):
-            await first  # not INSUFFICIENT_FUNDS: the payment is the next attempt's now
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+            await first.resume()  # not INSUFFICIENT_FUNDS: the payment is the next attempt's now
 
-    assert stalling.released == []
+    assert isinstance(first.peers, StallAfterLedger)
+    assert first.peers.released == []
     assert await budget_of(http, mesh, payer) == ("0.00", "20.00")
-    assert await still_processing_under(wallet.pool, pid) == second.until
+    assert await still_processing_under(in_process.pool, pid) == second.until
 
 
 async def test_a_reconciler_stalled_past_its_lease_fails_no_payment_another_attempt_holds(
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
 ) -> None:
     payer = await create_person(wallet_stub, http, mesh, "50.00")
     friend = await create_person(wallet_stub, http, mesh, "0")
     cmd = handlers.TransferCommand(payer.user_id, ("user_id", friend.user_id), 700, "USD", "zz")
     pid = payment_id(uuid.UUID(payer.user_id), "zz")
     # An attempt that gave up with its outcome unknown: PROCESSING, no lease.
-    gave_up = mesh.peers(wallet.cache, StallThenFraudDown)
+    gave_up = mesh.peers(in_process.cache, StallThenFraudDown)
     assert isinstance(gave_up, Stalling)
     gave_up.resume.set()
     try:
         with pytest.raises(Unavailable):
-            await handlers.transfer(wallet.pool, gave_up, cmd)
+            await handlers.transfer(in_process.pool, gave_up, cmd)
     finally:
         await gave_up.close()
 
-    stalling = mesh.peers(wallet.cache, StallInLookup)
-    assert isinstance(stalling, Stalling)
-    try:
-        reconciling = await stalled_attempt(
-            wallet.pool, stalling, handlers.reconcile_stale_payments(wallet.pool, stalling, 0.0),
-            monkeypatch, ("payments", "payment_id", pid),
-        )  # fmt: skip
-        async with wallet.pool.acquire() as conn:
+    async with stall(
+        StallInLookup, lambda peers: handlers.reconcile_stale_payments(in_process.pool, peers, 0.0),
+        ("payments", "payment_id", pid),
+    ) as reconciling:  # fmt: skip
+        async with in_process.pool.acquire() as conn:
             second = await store.take_lease(conn, pid, handlers.LEASE_SECONDS)
         assert second is not None  # a retry is at work on it now
-        stalling.resume.set()
-        assert await asyncio.wait_for(reconciling, WAIT_SECONDS) == 0
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+        assert await reconciling.resume() == 0
 
-    assert await still_processing_under(wallet.pool, pid) == second.until
+    assert await still_processing_under(in_process.pool, pid) == second.until
 
 
 # ---------------------------------------------------------------- withdrawals
@@ -414,42 +388,35 @@ async def test_a_withdrawal_stalled_past_its_lease_places_no_hold_after_a_retry_
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
 ) -> None:
     alice = await budgeted_person(wallet_stub, http, mesh, "100.00", "CASH_OUT", "50")
     cmd = banking.BankTransferCommand(
         alice.user_id, 4000, "USD", await link_account(http, mesh, alice), "zz"
     )
     transfer_id = banking.bank_transfer_id(uuid.UUID(alice.user_id), "zz")
-    stalling = mesh.peers(wallet.cache, StallBeforeLedger)
-    assert isinstance(stalling, Stalling)
-    try:
-        first = await stalled_attempt(
-            wallet.pool, stalling, banking.withdraw(wallet.pool, stalling, cmd), monkeypatch,
-            ("bank_transfers", "transfer_id", transfer_id),
-        )  # fmt: skip
+    async with stall(
+        StallBeforeLedger, lambda peers: banking.withdraw(in_process.pool, peers, cmd),
+        ("bank_transfers", "transfer_id", transfer_id),
+    ) as first:  # fmt: skip
         await freeze(http, mesh, alice)
         with pytest.raises(FailedPrecondition) as refused:
-            await banking.withdraw(wallet.pool, wallet.peers, cmd)
+            await banking.withdraw(in_process.pool, in_process.peers, cmd)
         assert refused.value.reason == "WALLET_FROZEN"
-        stalling.resume.set()
 
         with pytest.raises(AttemptExpired):
-            await first
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+            await first.resume()
 
-    assert await wallet.peers.lookup_transfer(transfer_id) is None
-    status = await wallet.pool.fetchval(
+    assert await in_process.peers.lookup_transfer(transfer_id) is None
+    status = await in_process.pool.fetchval(
         "SELECT status FROM bank_transfers WHERE transfer_id = $1", transfer_id
     )
     assert status == "REFUSED"
     assert await budget_of(http, mesh, alice) == ("0.00", "0.00")
-    assert await usd_available(http, mesh, alice) == "100.00"
+    assert (await usd(http, mesh, alice))["available"] == "100.00"
     with pytest.raises(FailedPrecondition) as replay:
-        await banking.withdraw(wallet.pool, wallet.peers, cmd)
+        await banking.withdraw(in_process.pool, in_process.peers, cmd)
     assert replay.value.reason == "WALLET_FROZEN"
 
 
@@ -457,38 +424,31 @@ async def test_a_withdrawal_stalled_past_its_lease_leaves_the_next_attempts_leas
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
 ) -> None:
     alice = await create_person(wallet_stub, http, mesh, "100.00")
     cmd = banking.BankTransferCommand(
         alice.user_id, 4000, "USD", await link_account(http, mesh, alice), "zz"
     )
     transfer_id = banking.bank_transfer_id(uuid.UUID(alice.user_id), "zz")
-    stalling = mesh.peers(wallet.cache, StallThenFraudDown)
-    assert isinstance(stalling, Stalling)
-    try:
-        first = await stalled_attempt(
-            wallet.pool, stalling, banking.withdraw(wallet.pool, stalling, cmd), monkeypatch,
-            ("bank_transfers", "transfer_id", transfer_id),
-        )  # fmt: skip
-        async with wallet.pool.acquire() as conn:
+    async with stall(
+        StallThenFraudDown, lambda peers: banking.withdraw(in_process.pool, peers, cmd),
+        ("bank_transfers", "transfer_id", transfer_id),
+    ) as first:  # fmt: skip
+        async with in_process.pool.acquire() as conn:
             second = await banking._take_lease(conn, transfer_id)
         assert second is not None  # the next attempt (or the reconciler) is at work
-        stalling.resume.set()
 
         with pytest.raises(Unavailable):
-            await first
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+            await first.resume()
 
-    lease_until = await wallet.pool.fetchval(
+    lease_until = await in_process.pool.fetchval(
         "SELECT lease_until FROM bank_transfers WHERE transfer_id = $1", transfer_id
     )
     assert lease_until == second[1].until
     with pytest.raises(Aborted) as concurrent:
-        await banking.withdraw(wallet.pool, wallet.peers, cmd)
+        await banking.withdraw(in_process.pool, in_process.peers, cmd)
     assert concurrent.value.reason == "REQUEST_IN_PROGRESS"
 
 
@@ -499,156 +459,120 @@ async def test_a_merchant_payment_stalled_past_its_lease_moves_nothing_after_a_r
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
 ) -> None:
     payer = await create_person(wallet_stub, http, mesh, "30.00")
-    created = await http.post(
-        "/api/v1/merchants", json={"name": f"Cafe {uuid.uuid4().hex[:6]}", "currency": "USD"},
-        headers=mesh.admin(),
-    )  # fmt: skip
-    assert created.status_code == 201, created.text
+    merchant_id = await create_merchant(http, mesh)
     cmd = merchants.PayMerchantCommand(
-        payer_id=payer.user_id, idempotency_key="zz", merchant_id=created.json()["merchant_id"],
+        payer_id=payer.user_id, idempotency_key="zz", merchant_id=merchant_id,
         amount=800, currency="USD",
     )  # fmt: skip
     pid = payment_id(uuid.UUID(payer.user_id), "zz")
-    stalling = mesh.peers(wallet.cache, StallBeforeLedger)
-    assert isinstance(stalling, Stalling)
-    try:
-        first = await stalled_attempt(
-            wallet.pool, stalling, merchants.pay_merchant(wallet.pool, stalling, cmd),
-            monkeypatch, ("payments", "payment_id", pid),
-        )  # fmt: skip
+    async with stall(
+        StallBeforeLedger, lambda peers: merchants.pay_merchant(in_process.pool, peers, cmd),
+        ("payments", "payment_id", pid),
+    ) as first:  # fmt: skip
         await freeze(http, mesh, payer)
         with pytest.raises(FailedPrecondition) as refused:
-            await merchants.pay_merchant(wallet.pool, wallet.peers, cmd)
+            await merchants.pay_merchant(in_process.pool, in_process.peers, cmd)
         assert refused.value.reason == "WALLET_FROZEN"
-        stalling.resume.set()
 
         with pytest.raises(AttemptExpired):
-            await first
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+            await first.resume()
 
-    assert await wallet.peers.lookup_transfer(pid) is None
-    status = await wallet.pool.fetchval("SELECT status FROM payments WHERE payment_id = $1", pid)
+    assert await in_process.peers.lookup_transfer(pid) is None
+    status = await in_process.pool.fetchval(
+        "SELECT status FROM payments WHERE payment_id = $1", pid
+    )
     assert status == "FAILED"
-    assert await usd_available(http, mesh, payer) == "30.00"
+    assert (await usd(http, mesh, payer))["available"] == "30.00"
 
 
 async def test_an_exchange_stalled_past_its_lease_moves_nothing_after_a_retry_was_refused(
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
 ) -> None:
     person = await create_person(wallet_stub, http, mesh, "30.00")
-    quoted = await http.post(
-        "/api/v1/exchange/quotes",
-        json={"user_id": person.user_id, "from_currency": "USD", "to_currency": "EUR",
-              "amount": "10.00"},
-        headers=mesh.auth(person.user_id),
-    )  # fmt: skip
-    assert quoted.status_code == 201, quoted.text
+    quote_id = await usd_to_eur_quote(http, mesh, person)
     exchange_id = fx.exchange_id_for(uuid.UUID(person.user_id), "zz")
 
     def execute(peers: Peers) -> Awaitable[fx.ExchangeOutcome]:
         return fx.execute_exchange(
-            wallet.pool, peers, user_id=person.user_id, quote_id=quoted.json()["quote_id"],
+            in_process.pool, peers, user_id=person.user_id, quote_id=quote_id,
             idempotency_key="zz",
         )  # fmt: skip
 
-    stalling = mesh.peers(wallet.cache, StallBeforeLedger)
-    assert isinstance(stalling, Stalling)
-    try:
-        first = await stalled_attempt(
-            wallet.pool, stalling, execute(stalling), monkeypatch,
-            ("fx_exchanges", "exchange_id", exchange_id),
-        )  # fmt: skip
+    async with stall(
+        StallBeforeLedger, lambda peers: execute(peers),
+        ("fx_exchanges", "exchange_id", exchange_id),
+    ) as first:  # fmt: skip
         await freeze(http, mesh, person)
         with pytest.raises(FailedPrecondition) as refused:
-            await execute(wallet.peers)
+            await execute(in_process.peers)
         assert refused.value.reason == "WALLET_FROZEN"
-        stalling.resume.set()
 
         with pytest.raises(AttemptExpired):
-            await first
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+            await first.resume()
 
-    assert await wallet.peers.lookup_transfer(exchange_id) is None
-    status = await wallet.pool.fetchval(
+    assert await in_process.peers.lookup_transfer(exchange_id) is None
+    status = await in_process.pool.fetchval(
         "SELECT status FROM fx_exchanges WHERE exchange_id = $1", exchange_id
     )
     assert status == "FAILED"
-    assert await usd_available(http, mesh, person) == "30.00"
+    assert (await usd(http, mesh, person))["available"] == "30.00"
 
 
 async def test_a_withdrawal_refused_after_its_lease_lapsed_records_nothing(
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
-    monkeypatch: pytest.MonkeyPatch,
+    in_process: InProcess,
+    stall: Staller,
 ) -> None:
     alice = await create_person(wallet_stub, http, mesh, "100.00")
     cmd = banking.BankTransferCommand(
         alice.user_id, 4000, "USD", await link_account(http, mesh, alice), "zz"
     )
     transfer_id = banking.bank_transfer_id(uuid.UUID(alice.user_id), "zz")
-    stalling = mesh.peers(wallet.cache, StallThenDecline)
-    assert isinstance(stalling, Stalling)
-    try:
-        first = await stalled_attempt(
-            wallet.pool, stalling, banking.withdraw(wallet.pool, stalling, cmd), monkeypatch,
-            ("bank_transfers", "transfer_id", transfer_id),
-        )  # fmt: skip
-        async with wallet.pool.acquire() as conn:
+    async with stall(
+        StallThenDecline, lambda peers: banking.withdraw(in_process.pool, peers, cmd),
+        ("bank_transfers", "transfer_id", transfer_id),
+    ) as first:  # fmt: skip
+        async with in_process.pool.acquire() as conn:
             second = await banking._take_lease(conn, transfer_id)
         assert second is not None  # the next attempt (or the reconciler) is at work
-        stalling.resume.set()
 
         with pytest.raises(AttemptExpired):
-            await first
-    finally:
-        stalling.resume.set()
-        await stalling.close()
+            await first.resume()
 
-    row = await wallet.pool.fetchrow(
-        "SELECT status, lease_until FROM bank_transfers WHERE transfer_id = $1", transfer_id
+    leased = await still_processing_under(
+        in_process.pool, transfer_id, "bank_transfers", "transfer_id"
     )
-    assert row is not None
-    assert (row["status"], row["lease_until"]) == ("PROCESSING", second[1].until)
+    assert leased == second[1].until
 
 
 async def test_a_fresh_exchange_is_leased_from_the_moment_it_is_recorded(
     mesh: Mesh,
     http: httpx.AsyncClient,
     wallet_stub: Stub,
-    wallet: Wallet,
+    in_process: InProcess,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """No gap between recording an execution and leasing it: otherwise a
     retry could take it over in between, and the first attempt, believing
     itself fresh, would not ask the ledger what the retry did."""
     person = await create_person(wallet_stub, http, mesh, "30.00")
-    quoted = await http.post(
-        "/api/v1/exchange/quotes",
-        json={"user_id": person.user_id, "from_currency": "USD", "to_currency": "EUR",
-              "amount": "10.00"},
-        headers=mesh.auth(person.user_id),
-    )  # fmt: skip
-    assert quoted.status_code == 201, quoted.text
+    quote_id = await usd_to_eur_quote(http, mesh, person)
     seen: list[Any] = []
     claim = fx._claim_quote
 
     async def watched(*args: Any) -> Any:
         lease = await claim(*args)
-        row = await wallet.pool.fetchrow(
+        row = await in_process.pool.fetchrow(
             "SELECT lease_until, lease_until > now() AS held FROM fx_exchanges"
             " WHERE exchange_id = $1",
             args[3],
@@ -658,7 +582,7 @@ async def test_a_fresh_exchange_is_leased_from_the_moment_it_is_recorded(
 
     monkeypatch.setattr(fx, "_claim_quote", watched)
     outcome = await fx.execute_exchange(
-        wallet.pool, wallet.peers, user_id=person.user_id, quote_id=quoted.json()["quote_id"],
+        in_process.pool, in_process.peers, user_id=person.user_id, quote_id=quote_id,
         idempotency_key="zz",
     )  # fmt: skip
     assert outcome.status == "COMPLETED"

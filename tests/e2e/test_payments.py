@@ -8,7 +8,6 @@ import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -19,11 +18,8 @@ import pytest
 from moneta.fraud.v1 import fraud_pb2
 from moneta.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from moneta.wallet.v1 import wallet_pb2_grpc
-from services.common.db import create_pool
 from services.common.errors import FailedPrecondition, Unavailable
-from services.common.infra import redis_client
 from services.wallet import fx, handlers, merchants
-from services.wallet.balance_cache import BalanceCache
 from services.wallet.config import WalletSettings
 from services.wallet.fx import fx_pool_account_id
 from services.wallet.merchants import (
@@ -32,14 +28,13 @@ from services.wallet.merchants import (
     open_signing_key,
     sign_payment_request,
 )
-from services.wallet.peers import Peers
 from tests.conftest import TestRun
 from tests.e2e.conftest import (
-    AnswerLost,
-    LedgerDown,
+    InProcess,
     Mesh,
     Person,
     budgeted_person,
+    create_merchant,
     create_person,
     fraud_case,
     only_budget,
@@ -56,44 +51,6 @@ async def wallet_db(test_run: TestRun, mesh: Mesh) -> AsyncIterator[asyncpg.Conn
     conn = await asyncpg.connect(test_run.database_url("wallet"))
     yield conn
     await conn.close()
-
-
-@dataclass
-class InProcess:
-    """The wallet's code run in the test's own process, against the mesh's
-    database, cache and peers: to interrupt a payment where no API can."""
-
-    pool: asyncpg.Pool
-    peers: Peers
-    lossy: Peers
-    down: Peers
-
-
-@pytest.fixture
-async def in_process(test_run: TestRun, mesh: Mesh) -> AsyncIterator[InProcess]:
-    pool = await create_pool(test_run.database_url("wallet"))
-    redis = redis_client(test_run.settings.redis_url)
-    cache = BalanceCache(redis, test_run.redis_prefix)
-    peers, lossy, down = (
-        mesh.peers(cache),
-        mesh.peers(cache, AnswerLost),
-        mesh.peers(cache, LedgerDown),
-    )
-    yield InProcess(pool, peers, lossy, down)
-    for each in (peers, lossy, down):
-        await each.close()
-    await redis.aclose()
-    await pool.close()
-
-
-async def create_merchant(http: httpx.AsyncClient, mesh: Mesh, currency: str = "USD") -> str:
-    response = await http.post(
-        "/api/v1/merchants",
-        json={"name": f"Cafe {uuid.uuid4().hex[:6]}", "currency": currency},
-        headers=mesh.admin(),
-    )
-    assert response.status_code == 201, response.text
-    return str(response.json()["merchant_id"])
 
 
 async def create_qr(
